@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:
+#   make train   install what is missing, then train the default job (W4A4 ResNet on embedded digits)
+#   make test    install what is missing, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.distq-installed
+CONFIG ?= configs/digits_w4a4.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-slow lint clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned to the releases this project is tested with; the CUDA
+# build runs on CPU-only machines too.
+$(STAMP): pyproject.toml requirements/torch.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/torch.txt
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+train: install
+	$(BIN)/distq train $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check distq tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

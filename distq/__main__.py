@@ -1,0 +1,5 @@
+import sys
+
+from distq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""``distq`` command line: train, eval, plan, export, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distq.errors import DistqError
+
+EPILOG = """examples:
+  distq train configs/digits_w4a4.yaml
+  distq train configs/digits_w4a4.yaml train.epochs=5 run.dir=runs/quick
+  distq train configs/digits_w4a4.yaml --resume auto
+  distq eval runs/digits_w4a4/checkpoints/last.pt
+"""
+
+
+def _train(args) -> int:
+    from distq.config import describe_keys, load_config
+
+    if args.help_config:
+        print("\n".join(describe_keys()))
+        return 0
+    if args.config is None:
+        raise DistqError("distq train needs a CONFIG file, e.g. distq train configs/digits_w4a4.yaml")
+    cfg = load_config(args.config, args.overrides)
+    from distq.train.trainer import Trainer
+
+    results = Trainer(cfg).fit(resume=args.resume)
+    print(json.dumps(results))
+    return 0
+
+
+def _eval(args) -> int:
+    from distq.evaluate import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, data_root=args.data)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distq",
+        description="Train, evaluate and export low-bitwidth (quantized) CNNs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model from a YAML config", description="Train a model from a YAML config.")
+    train.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config file (see configs/)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.epochs=5")
+    train.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="'auto': continue from run.dir's last checkpoint if there is one; or a checkpoint path",
+    )
+    train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the validation split", description="Evaluate a checkpoint.")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by distq train")
+    ev.add_argument("--data", metavar="ROOT", help="ImageNet-layout folder (default: the one the run was trained on)")
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except DistqError as exc:
+        if args.debug:
+            raise
+        print(f"distq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

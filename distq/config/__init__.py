@@ -1,0 +1,55 @@
+"""Config files: typed, validated, with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+
+from distq.config.loader import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from distq.config.schema import DistqConfig
+
+__all__ = ["ConfigError", "DistqConfig", "config_from_dict", "describe_keys", "load_config", "to_dict"]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> DistqConfig:
+    """Read a YAML config (or only defaults when ``path`` is None) and apply overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(deep_merge(data, parse_overrides(list(overrides))))
+
+
+def config_from_dict(data: dict) -> DistqConfig:
+    return from_dict(DistqConfig, data)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field."""
+    docs = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe_keys(cls: type = DistqConfig, prefix: str = "") -> list[str]:
+    """One line per config key: ``key = default  # meaning``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.extend(describe_keys(hints[f.name], key + "."))
+            continue
+        default = getattr(defaults, f.name)
+        doc = docs.get(f.name, "")
+        lines.append(f"{key} = {default!r}" + (f"  # {doc}" if doc else ""))
+    return lines

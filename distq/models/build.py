@@ -1,0 +1,43 @@
+"""Build the model a config describes: registry -> quantized layers -> optional weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from distq.config.schema import ModelConfig, QuantConfig
+from distq.models.convert import quantize_model
+from distq.models.registry import build_float_model
+from distq.train.checkpoint import CheckpointError, load_weights
+
+
+def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int, w_bits: int | None = None, a_bits: int | None = None) -> nn.Module:
+    """The quantized model of the config; ``w_bits``/``a_bits`` override the config's bits
+    (a full-precision guide is the same network at 32 bits)."""
+    model = build_float_model(model_cfg.arch, model_cfg.num_classes or num_classes, model_cfg.width, model_cfg.small_input)
+    quantize_model(
+        model,
+        quant_cfg.w_bits if w_bits is None else w_bits,
+        quant_cfg.a_bits if a_bits is None else a_bits,
+        method=quant_cfg.method,
+        per_channel=quant_cfg.per_channel,
+        keep_first_fp=quant_cfg.keep_first_fp,
+        keep_last_fp=quant_cfg.keep_last_fp,
+        keep_final_act_fp=quant_cfg.keep_final_act_fp,
+    )
+    if model_cfg.pretrained:
+        load_float_weights(model, model_cfg.pretrained)
+    return model
+
+
+def load_float_weights(model: nn.Module, path: str) -> None:
+    """Load a full-precision state_dict file (torchvision's format) into a quantized model."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"model.pretrained file {path!r} not found: give the path of a saved state_dict") from None
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(f"model.pretrained file {path!r} is not a readable state_dict ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict) and "models" in state:  # a distq checkpoint: take its first model
+        state = next(iter(state["models"].values()))
+    load_weights(model, state, f"model.pretrained file {path!r}", allow_missing_quant_state=True)

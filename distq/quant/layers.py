@@ -1,0 +1,153 @@
+"""Quantized layers: ``QConv2d``, ``QLinear`` and the quantized activation ``QAct``.
+
+Each holds its precision as runtime state (plain Python attributes, so reading them
+never syncs with the GPU) that the precision controller may change between steps
+without rebuilding the model or the optimizer:
+
+- ``bits``: 1..8, or 32 for full precision;
+- ``method``: ``"dorefa"`` (DoReFa/STE quantizers) or ``"aqe"`` (asymptotic estimator);
+- ``alpha``: the AQE mixing factor (ignored by DoReFa);
+- ``quantize``: False runs this layer in full precision for now (stochastic precision)
+  without forgetting its bit-width.
+
+That state travels in ``state_dict()`` as each module's ``_extra_state`` entry, so a
+checkpoint restores it; parameter names and shapes are exactly those of ``nn.Conv2d``
+/ ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distq.quant.functional import (
+    FULL_PRECISION,
+    act_quant,
+    aqe_quant,
+    check_bits,
+    weight_quant,
+)
+
+METHODS = ("dorefa", "aqe")
+
+
+class QuantState:
+    """Mixin: the runtime precision state shared by every quantized layer."""
+
+    bits: int
+    method: str
+    alpha: float
+    quantize: bool
+
+    def _init_quant_state(self, bits: int = FULL_PRECISION, method: str = "dorefa", alpha: float = 0.5) -> None:
+        if method not in METHODS:
+            raise ValueError(f"quantizer method {method!r} is unknown: use one of {', '.join(METHODS)}")
+        self.bits = check_bits(bits)
+        self.method = method
+        self.alpha = float(alpha)
+        self.quantize = True
+
+    @property
+    def effective_bits(self) -> int:
+        return self.bits if self.quantize else FULL_PRECISION
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = check_bits(bits)
+
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits, "method": self.method, "alpha": self.alpha}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bits = check_bits(int(state["bits"]))
+        self.method = state["method"]
+        self.alpha = float(state["alpha"])
+
+    def _quant_repr(self) -> str:
+        return f"bits={self.bits}, method={self.method}"
+
+
+class _QWeightMixin(QuantState):
+    per_channel: bool
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False):
+        """Turn a float ``nn.Conv2d``/``nn.Linear`` into its quantized class, sharing (not
+        copying) its parameters, so names, shapes and initialisation stay torchvision's."""
+        q = cls.__new__(cls)
+        q.__dict__.update(module.__dict__)
+        q._init_quant_state(bits, method)
+        q.per_channel = per_channel
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        bits = self.effective_bits
+        if bits == FULL_PRECISION:
+            return self.weight
+        if self.method == "aqe":
+            return aqe_quant(self.weight, bits, self.alpha)
+        return weight_quant(self.weight, bits, self.per_channel)
+
+
+class QConv2d(nn.Conv2d, _QWeightMixin):
+    """``nn.Conv2d`` whose weight is quantized on the fly."""
+
+    def __init__(self, *args, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self._init_quant_state(bits, method)
+        self.per_channel = per_channel
+
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+class QLinear(nn.Linear, _QWeightMixin):
+    """``nn.Linear`` whose weight is quantized on the fly."""
+
+    def __init__(self, *args, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self._init_quant_state(bits, method)
+        self.per_channel = per_channel
+
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+class QAct(nn.Module, QuantState):
+    """The activation of a quantized network, in place of ``nn.ReLU``.
+
+    At 32 bits it is a ReLU, so a full-precision model computes exactly what
+    torchvision's does. At k bits (DoReFa) the clamp to [0, 1] replaces the ReLU and the
+    result is quantized to k bits; with AQE the pre-activation goes through the AQE
+    estimator (ternary thresholds computed per sample).
+    """
+
+    def __init__(self, bits: int = FULL_PRECISION, method: str = "dorefa"):
+        super().__init__()
+        self._init_quant_state(bits, method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.effective_bits
+        if bits == FULL_PRECISION:
+            return F.relu(x)
+        if self.method == "aqe":
+            return aqe_quant(x, bits, self.alpha, per_sample=True)
+        return act_quant(x, bits)
+
+    def extra_repr(self) -> str:
+        return self._quant_repr()
+
+
+def quant_layers(model: nn.Module):
+    """Yield ``(name, layer)`` for every quantized layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantState):
+            yield name, module

@@ -1,0 +1,1 @@
+"""Training: the loop, its optimizer and schedules, checkpoints and logging."""
