@@ -86,6 +86,8 @@ class DataConfig:
     root: Optional[str] = None
     """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG);
     null uses the embedded digits dataset."""
+    loader: Literal["torchvision", "dali"] = "torchvision"
+    """torchvision: ImageFolder + DataLoader; dali: NVIDIA DALI pipelines (GPU decoding when CUDA is present)."""
     image_size: int = 224
     """Training crop and validation centre-crop size."""
     batch_size: int = 256

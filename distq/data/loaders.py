@@ -64,6 +64,15 @@ def build_val_loader(cfg: DataConfig, root: Path, rank: int = 0, world: int = 1)
 
 
 def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> DataBundle:
+    """The configured loader pair (``data.loader``), sharded over ``world`` ranks."""
+    if cfg.loader == "dali":
+        from distq.data.dali import build_dali_loaders
+
+        return build_dali_loaders(cfg, seed, rank, world)
+    return build_torchvision_loaders(cfg, seed, rank, world)
+
+
+def build_torchvision_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> DataBundle:
     root = resolve_root(cfg)
     classes = class_names(root)
     train_set = image_folder(root, "train", train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip))
