@@ -33,7 +33,12 @@ METHODS = ("dorefa", "aqe")
 
 
 class QuantState:
-    """Mixin: the runtime precision state shared by every quantized layer."""
+    """Mixin: the runtime precision state shared by every quantized layer.
+
+    It must come before ``nn.Module`` in a layer's bases, or ``nn.Module``'s own
+    ``get_extra_state``/``set_extra_state`` shadow these and the state never reaches
+    ``state_dict()``.
+    """
 
     bits: int
     method: str
@@ -89,7 +94,7 @@ class _QWeightMixin(QuantState):
         return weight_quant(self.weight, bits, self.per_channel)
 
 
-class QConv2d(nn.Conv2d, _QWeightMixin):
+class QConv2d(_QWeightMixin, nn.Conv2d):
     """``nn.Conv2d`` whose weight is quantized on the fly."""
 
     def __init__(self, *args, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False, **kw):
@@ -105,7 +110,7 @@ class QConv2d(nn.Conv2d, _QWeightMixin):
         return f"{super().extra_repr()}, {self._quant_repr()}"
 
 
-class QLinear(nn.Linear, _QWeightMixin):
+class QLinear(_QWeightMixin, nn.Linear):
     """``nn.Linear`` whose weight is quantized on the fly."""
 
     def __init__(self, *args, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False, **kw):
@@ -121,7 +126,7 @@ class QLinear(nn.Linear, _QWeightMixin):
         return f"{super().extra_repr()}, {self._quant_repr()}"
 
 
-class QAct(nn.Module, QuantState):
+class QAct(QuantState, nn.Module):
     """The activation of a quantized network, in place of ``nn.ReLU``.
 
     At 32 bits it is a ReLU, so a full-precision model computes exactly what
