@@ -1,0 +1,155 @@
+"""Training-loader throughput: DALI (``data.loader=dali``) against torchvision, same files and settings.
+
+    python benchmarks/data_loading.py [--images 2000] [--workers 2] [--batch-size 64] [--epochs 3]
+
+Writes (once, cached under ``$DISTQ_CACHE`` or ~/.cache/distq) an ImageNet-layout folder of
+synthetic photo-like JPEGs around 500x375 (about 100 KB each, like ImageNet's), then times
+one warm-up epoch and ``--epochs`` timed epochs of each loader's train split (224 px
+RandomResizedCrop + flip + normalize), as built for training by ``distq.data.build_loaders``.
+torchvision gets ``--workers`` worker processes, DALI as many threads. Prints images/s and the
+ratio, and appends a section to BENCHMARKS.md at the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distq.config.schema import DataConfig
+from distq.data import build_loaders
+from distq.data.digits import default_cache_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASSES = 10
+VAL_PER_CLASS = 2  # the builders need a val split; it is not timed
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour regions, texture and grain: decodes and compresses like a photo, not like noise."""
+    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    fine = rng.integers(0, 256, (height // 3, width // 3, 3), dtype=np.uint8)
+    texture = np.asarray(Image.fromarray(fine).resize((width, height), Image.BILINEAR), dtype=np.float32) - 128
+    pixels = base + 0.5 * texture + rng.normal(0, 8, (height, width, 1))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def ensure_dataset(num_images: int) -> Path:
+    """The benchmark folder, written on first use under a temporary name and renamed into place."""
+    root = default_cache_dir() / f"bench-photos-{num_images}-v1"
+    if (root / "COMPLETE").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".bench-photos-", dir=root.parent))
+    print(f"writing {num_images} JPEGs to {root} (once) ...", flush=True)
+    rng = np.random.default_rng(0)
+    try:
+        for index in range(num_images + CLASSES * VAL_PER_CLASS):
+            split = "train" if index < num_images else "val"
+            folder = staging / split / f"class_{index % CLASSES:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            width, height = int(rng.integers(440, 501)), int(rng.integers(330, 376))
+            if index % 5 == 0:  # some portrait images, as in ImageNet
+                width, height = height, width
+            photo_like(rng, width, height).save(folder / f"{index:06d}.JPEG", quality=90)
+        (staging / "COMPLETE").write_text("ok\n")
+        os.rename(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def images_per_second(cfg: DataConfig, epochs: int) -> tuple[float, float]:
+    """(images/s over the timed epochs, seconds of the warm-up epoch), pipeline set-up included."""
+    bundle = build_loaders(cfg, seed=0)
+    per_epoch = len(bundle.train) * cfg.batch_size
+
+    def epoch(number: int) -> float:
+        start = time.perf_counter()
+        bundle.start_epoch(0, number)
+        for images, _ in bundle.train:
+            assert images.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+        return time.perf_counter() - start
+
+    warm_up = epoch(0)
+    timed = sum(epoch(n) for n in range(1, epochs + 1))
+    return epochs * per_epoch / timed, warm_up
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {gpu}"
+
+
+def append_report(text: str) -> Path:
+    path = REPO_ROOT / "BENCHMARKS.md"
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nMeasured numbers, each with the machine and the exact command behind it.\n")
+    with open(path, "a") as f:
+        f.write("\n" + text)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000, help="training images (10 classes)")
+    parser.add_argument("--workers", type=int, default=2, help="torchvision worker processes = DALI threads")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--no-report", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+
+    root = ensure_dataset(args.images)
+    load_before = os.getloadavg()[0]
+    results = {}
+    for loader in ("torchvision", "dali"):
+        cfg = DataConfig(root=str(root), loader=loader, image_size=224, batch_size=args.batch_size, workers=args.workers)
+        results[loader] = images_per_second(cfg, args.epochs)
+        print(f"{loader:12s} {results[loader][0]:7.1f} images/s  (warm-up epoch {results[loader][1]:.1f} s)", flush=True)
+    load_after = os.getloadavg()[0]
+    ratio = results["dali"][0] / results["torchvision"][0]
+    print(f"DALI / torchvision = {ratio:.2f}x")
+
+    if args.no_report:
+        return
+    import nvidia.dali
+    import torchvision
+
+    command = "python benchmarks/data_loading.py" + (
+        f" --images {args.images} --workers {args.workers} --batch-size {args.batch_size} --epochs {args.epochs}"
+    )
+    report = "\n".join(
+        [
+            f"## Training data loading: DALI vs torchvision ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)",
+            "",
+            f"- Machine: {machine()}; DALI runs CPU-only pipelines. Load average {load_before:.1f} before, "
+            f"{load_after:.1f} after (other jobs were {'running' if load_before > 0.5 else 'idle'}).",
+            f"- Versions: DALI {nvidia.dali.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}.",
+            f"- Command: `{command}`",
+            f"- Data: {args.images} synthetic photo-like JPEGs of about 500x375 (~100 KB), 10 classes; 224 px "
+            f"RandomResizedCrop + flip + normalize, batch {args.batch_size}, {args.workers} workers / threads; "
+            f"one warm-up epoch, then {args.epochs} timed epochs (per-epoch set-up included).",
+            "",
+            "| loader | images/s | warm-up epoch (s) |",
+            "|---|---:|---:|",
+            *(f"| {name} | {ips:.1f} | {warm:.1f} |" for name, (ips, warm) in results.items()),
+            "",
+            f"DALI / torchvision: **{ratio:.2f}x** (target >= 1.5x).",
+            "",
+        ]
+    )
+    print(f"appended to {append_report(report)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The DALI loaders (CPU pipelines) against the torchvision path on the same folders.
+
+Tolerance, measured on these folders and on 24 random-size photos-like JPEGs at 97/160/224 px
+(both paths crop the same pixels, see ``_torchvision_val_geometry``): DALI's and torchvision's
+validation tensors differ by at most one grey level (1/255/std ~ 0.0175 in normalized units)
+in any pixel, by ~0.003 on average per image (worst 0.0044), and their per-channel means by
+at most 0.0022. The asserts below leave about a 2x margin on the averages.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from distq.config.schema import DataConfig  # noqa: E402
+from distq.data import DataError  # noqa: E402
+from distq.data.dali import build_dali_loaders  # noqa: E402
+from distq.data.loaders import build_torchvision_loaders  # noqa: E402
+from distq.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+ONE_GREY_LEVEL = 1 / 255 / min(IMAGENET_STD)
+# Class folders in an order that sorting changes, each class with its own base colour.
+CLASS_COLOURS = {"zebra": (220, 40, 40), "ant": (40, 200, 60), "moth": (50, 60, 210)}
+SIZES = [(40, 30), (64, 48), (48, 64), (50, 50), (30, 40), (57, 43)]
+
+
+def _write_coloured_folder(root: Path, train_per_class: int = 7, val_per_class: int = 3) -> Path:
+    """``root/{train,val}/<class>/*.JPEG``: smooth noise around the class colour, sizes 30..64 px."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for cls, colour in CLASS_COLOURS.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                width, height = SIZES[(n + len(cls)) % len(SIZES)]
+                noise = rng.normal(0, 6, (height, width, 3)).cumsum(axis=1)
+                pixels = np.clip(np.array(colour) + noise - noise.mean(), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{cls}_{n}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def coloured_root(tmp_path_factory) -> Path:
+    return _write_coloured_folder(tmp_path_factory.mktemp("coloured"))
+
+
+@pytest.fixture(scope="module", params=["coloured", "digits"])
+def root(request, coloured_root) -> Path:
+    return coloured_root if request.param == "coloured" else request.getfixturevalue("digits_root")
+
+
+def _cfg(root: Path, **overrides) -> DataConfig:
+    values = dict(root=str(root), loader="dali", image_size=32, batch_size=4, workers=1, crop_scale=[0.5, 1.0])
+    return DataConfig(**(values | overrides))
+
+
+def _val(bundle) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(bundle.val)
+    assert len(batches) == len(bundle.val)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def _signatures(images: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
+    """One value per image that tells the images of these folders apart."""
+    return [(int(y), round(float(x.double().sum()), 2)) for x, y in zip(images, labels)]
+
+
+# --- (a) labels ----------------------------------------------------------------------------------
+
+
+def test_val_labels_and_order_match_torchvision(root):
+    cfg = _cfg(root)
+    dali, torchvision = build_dali_loaders(cfg, seed=0), build_torchvision_loaders(cfg, seed=0)
+    assert dali.classes == torchvision.classes == sorted(p.name for p in (root / "train").iterdir())
+    dali_images, dali_labels = _val(dali)
+    tv_images, tv_labels = _val(torchvision)
+    assert dali_labels.dtype == torch.int64 and dali_labels.shape == (len(dali_images),)
+    assert torch.equal(dali_labels, tv_labels)  # same files, same order, same class indices
+    assert (dali_images - tv_images).abs().amax(dim=(1, 2, 3)).max() <= ONE_GREY_LEVEL + 1e-4
+
+
+def test_label_i_is_class_folder_i(coloured_root):
+    bundle = build_dali_loaders(_cfg(coloured_root), seed=0)
+    images, labels = _val(bundle)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    pixel_means = (images.mean(dim=(2, 3)) * std + mean) * 255
+    for colour, label in zip(pixel_means, labels):
+        expected = torch.tensor(CLASS_COLOURS[bundle.classes[label]], dtype=torch.float32)
+        assert (colour - expected).abs().max() < 20
+
+
+# --- (b) normalisation ---------------------------------------------------------------------------
+
+
+def test_val_tensors_match_torchvision_within_a_grey_level(root):
+    cfg = _cfg(root)
+    dali_images, _ = _val(build_dali_loaders(cfg, seed=0))
+    tv_images, _ = _val(build_torchvision_loaders(cfg, seed=0))
+    diff = (dali_images - tv_images).abs()
+    assert diff.flatten(1).mean(dim=1).max() < 0.01
+    assert diff.max() <= ONE_GREY_LEVEL + 1e-4
+    assert (dali_images.mean(dim=(2, 3)) - tv_images.mean(dim=(2, 3))).abs().max() < 0.005
+
+
+def test_constant_colour_is_normalized_exactly(tmp_path):
+    colour = (200, 100, 50)
+    for split in ("train", "val"):
+        (tmp_path / split / "flat").mkdir(parents=True)
+        Image.new("RGB", (45, 35), colour).save(tmp_path / split / "flat" / "flat.png")  # lossless
+    images, _ = _val(build_dali_loaders(_cfg(tmp_path, batch_size=1), seed=0))
+    expected = [(c / 255 - m) / s for c, m, s in zip(colour, IMAGENET_MEAN, IMAGENET_STD)]
+    assert images.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(images[0], torch.tensor(expected).view(3, 1, 1).expand(3, 32, 32), rtol=0, atol=1e-5)
+
+
+# --- (c) sharding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [4, 5])
+def test_two_ranks_count_every_val_image_once(root, batch_size):
+    cfg = _cfg(root, batch_size=batch_size)
+    whole = _signatures(*_val(build_dali_loaders(cfg, seed=0)))
+    assert len(set(whole)) == len(whole), "signatures must tell the images apart"
+    shards = [_signatures(*_val(build_dali_loaders(cfg, seed=0, rank=rank, world=2))) for rank in (0, 1)]
+    n_files = sum(1 for f in (root / "val").rglob("*") if f.is_file())
+    assert len(shards[0]) + len(shards[1]) == len(whole) == n_files
+    assert Counter(shards[0] + shards[1]) == Counter(whole)
+
+
+# --- (d) training --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch_size", "world"), [(4, 1), (5, 2), (3, 3)])
+def test_train_steps_shapes_and_order_match_torchvision(coloured_root, batch_size, world):
+    cfg = _cfg(coloured_root, batch_size=batch_size)
+    for rank in range(world):
+        dali = build_dali_loaders(cfg, seed=7, rank=rank, world=world)
+        torchvision = build_torchvision_loaders(cfg, seed=7, rank=rank, world=world)
+        assert len(dali.train) == len(torchvision.train) == (21 // world) // batch_size
+        dali.start_epoch(7, 1)
+        torchvision.start_epoch(7, 1)
+        batches = list(dali.train)
+        assert len(batches) == len(dali.train)
+        for (images, labels), (_, tv_labels) in zip(batches, torchvision.train):
+            assert images.shape == (batch_size, 3, 32, 32) and images.dtype == torch.float32
+            assert labels.shape == (batch_size,) and labels.dtype == torch.int64
+            assert torch.equal(labels, tv_labels)  # the same sampler order as the torchvision path
+
+
+def test_train_epoch_is_a_function_of_seed_and_epoch(digits_root):
+    cfg = _cfg(digits_root, batch_size=64, image_size=24)
+
+    def epoch(bundle, number):
+        bundle.start_epoch(3, number)
+        return [(x.clone(), y.clone()) for x, y in bundle.train][:3]
+
+    first = build_dali_loaders(cfg, seed=3)
+    resumed = build_dali_loaders(cfg, seed=3)  # a new process resuming at epoch 2
+    reference = epoch(first, 2)
+    for (x, y), (x2, y2) in zip(reference, epoch(resumed, 2)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(reference[0][1], epoch(first, 3)[0][1])
+
+
+def test_missing_split_reports_the_torchvision_paths_error(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "x.JPEG")
+    cfg = _cfg(tmp_path, batch_size=1)
+    with pytest.raises(DataError) as torchvision_error:
+        build_torchvision_loaders(cfg, seed=0)
+    with pytest.raises(DataError) as dali_error:
+        build_dali_loaders(cfg, seed=0)
+    assert str(dali_error.value) == str(torchvision_error.value)
