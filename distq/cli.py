@@ -39,6 +39,15 @@ def _eval(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from distq.config import load_config
+    from distq.plan import plan_lines
+
+    cfg = load_config(args.config, args.overrides)
+    print("\n".join(plan_lines(cfg, train_images=args.train_images, world_size=args.world_size)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distq",
@@ -59,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     train.set_defaults(func=_train)
+
+    plan = sub.add_parser(
+        "plan",
+        help="print the precision schedule of a config as a timeline, without training",
+        description="Print, per epoch, the bits of every model, SP probability, aux factor, AQE alpha and which models train.",
+    )
+    plan.add_argument("config", metavar="CONFIG", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+    plan.add_argument("--train-images", type=int, help="training-set size (default: counted, or ImageNet-1k's if data.root is absent)")
+    plan.add_argument("--world-size", type=int, default=1, help="data-parallel processes (steps per epoch shrink with it)")
+    plan.set_defaults(func=_plan)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the validation split", description="Evaluate a checkpoint.")
     ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by distq train")

@@ -8,15 +8,31 @@ import inspect
 import typing
 from pathlib import Path
 
-from distq.config.loader import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from distq.config.loader import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, section_type, to_dict
 from distq.config.schema import DistqConfig
 
 __all__ = ["ConfigError", "DistqConfig", "config_from_dict", "describe_keys", "load_config", "to_dict"]
 
 
+BASE_KEY = "base"
+
+
+def read_config_tree(path: str | Path, seen: tuple = ()) -> dict:
+    """A YAML config with its ``base:`` chain merged in (the base file's path is relative
+    to the file naming it), so a recipe lists only what differs from its base."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"config file {str(path)!r} includes itself through 'base:'")
+    data = read_yaml(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    return deep_merge(read_config_tree(path.parent / str(base), seen + (path,)), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DistqConfig:
     """Read a YAML config (or only defaults when ``path`` is None) and apply overrides."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_config_tree(path) if path is not None else {}
     return config_from_dict(deep_merge(data, parse_overrides(list(overrides))))
 
 
@@ -43,13 +59,21 @@ def describe_keys(cls: type = DistqConfig, prefix: str = "") -> list[str]:
     lines = []
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
-    defaults = cls()
     for f in dataclasses.fields(cls):
         key = prefix + f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines.extend(describe_keys(hints[f.name], key + "."))
+        section = section_type(hints[f.name])
+        if section is not None:
+            if section is not hints[f.name]:
+                doc = " ".join((section.__doc__ or "").split())
+                lines.append(f"{key}: (optional section, off unless given)  # {doc}")
+            lines.extend(describe_keys(section, key + "."))
             continue
-        default = getattr(defaults, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
         doc = docs.get(f.name, "")
-        lines.append(f"{key} = {default!r}" + (f"  # {doc}" if doc else ""))
+        lines.append(f"{key} = {default}" + (f"  # {doc}" if doc else ""))
     return lines

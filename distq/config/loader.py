@@ -24,6 +24,16 @@ class ConfigError(DistqError):
     """A config file or override is wrong; the message names the key."""
 
 
+def section_type(tp: Any) -> type | None:
+    """The config dataclass behind a field type (``Section`` or ``Optional[Section]``), if any."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return inner[0] if inner else None
+    return None
+
+
 def valid_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key a config class accepts, sections included."""
     keys = []
@@ -31,8 +41,9 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         keys.append(key)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(valid_keys(hints[f.name], key + "."))
+        section = section_type(hints[f.name])
+        if section is not None:
+            keys.extend(valid_keys(section, key + "."))
     return keys
 
 
@@ -46,7 +57,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, root_cls: type) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, {} if value is None else value, root_cls, key + ".")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -55,7 +68,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, root_cls)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
@@ -67,7 +80,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         item_type = args[0] if args else Any
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_type, f"{key}[{i}]", root_cls) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
@@ -108,12 +121,7 @@ def from_dict(cls: type[T], data: dict, root_cls: type | None = None, prefix: st
             raise _unknown_key(root_cls, f"{prefix}{key}")
     kwargs = {}
     for name, value in data.items():
-        tp = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value or {}, root_cls, key + ".")
-        else:
-            kwargs[name] = _coerce(value, tp, key)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}", root_cls)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:

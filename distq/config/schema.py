@@ -162,6 +162,143 @@ class LogConfig:
         _check_positive("log.every_steps", self.every_steps)
 
 
+Duration = str
+"""Training time: "30ep" (epochs), "2000ba" (optimizer steps) or "0.5dur" (fraction of the run)."""
+
+
+@dataclass(kw_only=True)
+class ProgressiveConfig:
+    """Progressive quantisation (PQ): bit-widths step down a sequence, e.g. 32 -> 8 -> 4 -> 2."""
+
+    w_bits: list[int] = field(default_factory=list)
+    """Weight bit sequence (non-increasing); empty leaves weights at quant.w_bits."""
+    a_bits: list[int] = field(default_factory=list)
+    """Activation bit sequence (non-increasing); empty leaves activations at quant.a_bits."""
+    stages: list[Duration] = field(default_factory=list)
+    """Length of every stage but the last (which runs to the end), e.g. ["10ep", "10ep", "10ep"]."""
+
+
+@dataclass(kw_only=True)
+class TwoStageConfig:
+    """Two-stage optimisation (TS): quantized weights with full-precision activations first."""
+
+    weights_only: Duration = "0.5dur"
+    """Length of the first stage; activations are quantized from then on."""
+
+
+@dataclass(kw_only=True)
+class StochasticConfig:
+    """Stochastic precision (SP): each step a random subset of units is quantized."""
+
+    p0: float = 0.5
+    """Probability that a unit is quantized at the start."""
+    ramp: Duration = "0.8dur"
+    """p rises linearly from p0 to 1 over this time; afterwards everything is quantized."""
+    unit: Literal["block", "layer"] = "block"
+    """The unit that is quantized or not as a whole: a residual block, or a single layer."""
+
+
+@dataclass(kw_only=True)
+class AqeScheduleConfig:
+    """AQE alpha schedule: alpha rises linearly from alpha0 (AQE == STE at 0.5) to 1."""
+
+    alpha0: float = 0.5
+    end: Duration = "1dur"
+    """Time at which alpha reaches 1 (the network is truly quantized from then on)."""
+
+
+@dataclass(kw_only=True)
+class AuxBranchConfig:
+    """Auxiliary full-precision branch per quantized conv, output LP(x) + f * FP(x)."""
+
+    decay: Literal["cosine", "step"] = "cosine"
+    """cosine: f falls from 1 to 0 between start and end; step: f halves every halve_every, 0 at end."""
+    start: Duration = "0ep"
+    end: Duration = "0.5dur"
+    """When f reaches 0 and the branch is removed."""
+    halve_every: Duration = "1ep"
+    """Step decay only: interval between halvings."""
+
+
+@dataclass(kw_only=True)
+class CyclicConfig:
+    """Cyclic training: per bit depth (start_bits down to the target, one bit per step),
+    `cycles` rounds of full-precision training then low-precision training."""
+
+    start_bits: int = 4
+    cycles: int = 2
+    fp_length: Duration = "1ep"
+    """Length of each full-precision phase."""
+    lp_length: Duration = "1ep"
+    """Length of each low-precision phase."""
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """The precision controller's policies; an absent (null) section is off."""
+
+    progressive: Optional[ProgressiveConfig] = None
+    two_stage: Optional[TwoStageConfig] = None
+    stochastic: Optional[StochasticConfig] = None
+    aqe: Optional[AqeScheduleConfig] = None
+    aux_branch: Optional[AuxBranchConfig] = None
+    cyclic: Optional[CyclicConfig] = None
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    w_bits: int
+    a_bits: int
+    name: Optional[str] = None
+    """Defaults to student_w{w_bits}a{a_bits}."""
+
+    def __post_init__(self):
+        _check_bits("guided.students[].w_bits", self.w_bits)
+        _check_bits("guided.students[].a_bits", self.a_bits)
+        if self.name is None:
+            self.name = f"student_w{self.w_bits}a{self.a_bits}"
+
+
+@dataclass(kw_only=True)
+class HintConfig:
+    layer: str
+    """Module name whose output features are matched (e.g. layer3)."""
+    weight: float = 1.0
+
+
+@dataclass(kw_only=True)
+class GuidedConfig:
+    """Guided training: a full-precision guide and low-precision students, mutual KD."""
+
+    students: list[StudentConfig] = field(default_factory=list)
+    temperature: float = 1.0
+    lambda_s: float = 1.0
+    """Student cross-entropy weight."""
+    lambda_sl: float = 0.5
+    """Student KL(guide || student) weight."""
+    lambda_g: float = 1.0
+    """Guide cross-entropy weight."""
+    lambda_gl: float = 0.5
+    """Guide KL(student || guide) weight, averaged over students."""
+    guide_lr: Optional[float] = None
+    """Guide learning rate; null uses train.lr."""
+    student_lr: Optional[float] = None
+    """Students' learning rate; null uses train.lr."""
+    guide_pretrained: Optional[str] = None
+    """Full-precision state_dict file for the guide."""
+    students_from_guide: bool = True
+    """Initialise every student with the guide's weights."""
+    hint: Optional[HintConfig] = None
+
+    def __post_init__(self):
+        if not self.students:
+            raise ValueError("guided.students is empty: a guided config needs at least one student, e.g. [{w_bits: 4, a_bits: 4}]")
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"guided.students has duplicate names {names}: give each a distinct name")
+        _check_positive("guided.temperature", self.temperature)
+
+
 @dataclass(kw_only=True)
 class DistqConfig:
     seed: int = 0
@@ -172,3 +309,10 @@ class DistqConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    guided: Optional[GuidedConfig] = None
+
+    def __post_init__(self):
+        from distq.controller.validate import validate_precision
+
+        validate_precision(self)

@@ -1,0 +1,1 @@
+"""Guided training: the mutual-distillation objective of a guide and its students."""
