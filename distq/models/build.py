@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from distq.config.loader import ConfigError
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.models.convert import quantize_model
 from distq.models.registry import build_float_model
@@ -14,7 +15,10 @@ from distq.train.checkpoint import CheckpointError, load_weights
 def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int, w_bits: int | None = None, a_bits: int | None = None) -> nn.Module:
     """The quantized model of the config; ``w_bits``/``a_bits`` override the config's bits
     (a full-precision guide is the same network at 32 bits)."""
-    model = build_float_model(model_cfg.arch, model_cfg.num_classes or num_classes, model_cfg.width, model_cfg.small_input)
+    try:
+        model = build_float_model(model_cfg.arch, model_cfg.num_classes or num_classes, model_cfg.width, model_cfg.small_input)
+    except ValueError as exc:  # an option this architecture does not support, e.g. model.width for alexnet
+        raise ConfigError(str(exc)) from None
     quantize_model(
         model,
         quant_cfg.w_bits if w_bits is None else w_bits,

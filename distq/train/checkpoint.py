@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,11 +27,15 @@ def atomic_write(path: Path, write) -> None:
     moment leaves either the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (disk full, Ctrl-C) leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -65,8 +67,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} not found: pass a file written by 'distq train' (RUN_DIR/checkpoints/last.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a distq checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # torch raises many types for a bad file (IndexError for an empty one, KeyError, OSError, ...)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a distq checkpoint ({reason})") from None
     if not isinstance(state, dict) or "models" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a distq training checkpoint (no models/config entries)")
     if state.get("format", 0) > FORMAT_VERSION:

@@ -1,0 +1,86 @@
+"""A tiny training run leaves TensorBoard scalars, results.json and checkpoints behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distq.config import config_from_dict
+from distq.config.schema import ModelConfig, QuantConfig
+from distq.models.build import build_model
+from distq.quant.layers import QAct, quant_layers
+from distq.train.schedule import lr_factor
+
+STEPS_PER_EPOCH = 1442 // 128  # digits train split, batch 128, drop_last
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def events(tiny_run):
+    accumulator = EventAccumulator(str(tiny_run / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def values(events, tag):
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_loss_accuracy_and_lr_scalars(tiny_run, events):
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/top1", "val/top5", "val/loss", "lr"} <= tags
+
+    epoch_ends = [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)]
+    top1 = values(events, "val/top1")
+    top5 = values(events, "val/top5")
+    assert [s for s, _ in top1] == epoch_ends
+    assert all(0 <= a <= b <= 100 for (_, a), (_, b) in zip(top1, top5))
+
+    # train/loss every 5 steps and at the end of every epoch.
+    loss_steps = [s for s, _ in values(events, "train/loss")]
+    assert loss_steps == [5, 10, 11, 15, 20, 22]
+    assert all(0 < v < 10 for _, v in values(events, "train/loss"))
+
+    cfg = config_from_dict(yaml.safe_load((tiny_run / "config.yaml").read_text()))
+    for step, lr in values(events, "lr"):
+        # The lr logged at step s is the one the s-th optimizer step (0-based s - 1) used.
+        assert lr == pytest.approx(cfg.train.lr * lr_factor(step - 1, STEPS_PER_EPOCH, cfg.train), rel=1e-6)
+
+
+def test_bit_width_scalars(tiny_run, events):
+    tags = set(events.Tags()["scalars"])
+    model = build_model(ModelConfig(arch="resnet18", width=4, small_input=True), QuantConfig(w_bits=2, a_bits=3), 10)
+    layers = dict(quant_layers(model))
+    weights = {f"bits/w/{name}" for name, layer in layers.items() if not isinstance(layer, QAct)}
+    activations = {f"bits/a/{name}" for name, layer in layers.items() if isinstance(layer, QAct)}
+    assert "bits/w/layer1.0.conv1" in weights and "bits/a/layer1.0.act_out" in activations
+    assert {t for t in tags if t.startswith("bits/w/")} == weights
+    assert {t for t in tags if t.startswith("bits/a/")} == activations
+    for tag in weights:
+        assert values(events, tag) == [(s, 2.0) for s in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)], tag
+    for tag in activations:
+        assert values(events, tag) == [(s, 3.0) for s in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)], tag
+    # The layers kept in full precision are not quantized layers and have no bit-width tag.
+    assert "bits/w/fc" not in tags and "bits/w/conv1" not in tags and "bits/a/layer4.1.act_out" not in tags
+
+
+def test_results_json_and_checkpoints(tiny_run, events):
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["epochs"] == EPOCHS and results["steps"] == EPOCHS * STEPS_PER_EPOCH
+    assert results["val/top1"] == pytest.approx(values(events, "val/top1")[-1][1])
+    assert results["val/top5"] == pytest.approx(values(events, "val/top5")[-1][1])
+    assert 0 <= results["val/top1"] <= 100
+
+    checkpoints = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    assert checkpoints == ["epoch_0002.pt", "last.pt"]  # run.keep_checkpoints=1 by default
+    state = torch.load(tiny_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"]) == (EPOCHS, EPOCHS * STEPS_PER_EPOCH)
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert state["history"][-1]["val/top1"] == results["val/top1"]
+    extra = state["models"]["model"]["layer1.0.conv1._extra_state"]
+    assert extra["bits"] == 2 and extra["method"] == "dorefa"
+    assert state["models"]["model"]["layer1.0.act_out._extra_state"]["bits"] == 3
