@@ -13,6 +13,9 @@ EPILOG = """examples:
   distq train configs/digits_w4a4.yaml train.epochs=5 run.dir=runs/quick
   distq train configs/digits_w4a4.yaml --resume auto
   distq eval runs/digits_w4a4/checkpoints/last.pt
+  distq export runs/digits_w4a4/checkpoints/last.pt --out w4a4.safetensors
+  distq eval --engine int w4a4.safetensors
+  distq predict w4a4.safetensors image.jpg
 """
 
 
@@ -27,12 +30,17 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from distq.train.trainer import Trainer
 
-    results = Trainer(cfg).fit(resume=args.resume)
-    print(json.dumps(results))
+    trainer = Trainer(cfg)
+    results = trainer.fit(resume=args.resume)
+    trainer.say(json.dumps(results))
     return 0
 
 
 def _eval(args) -> int:
+    if args.engine == "int":
+        from distq.export.cli import eval_int
+
+        return eval_int(args)
     from distq.evaluate import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, data_root=args.data)))
@@ -83,7 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the validation split", description="Evaluate a checkpoint.")
     ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by distq train")
     ev.add_argument("--data", metavar="ROOT", help="ImageNet-layout folder (default: the one the run was trained on)")
+    ev.add_argument(
+        "--engine",
+        choices=("float", "int"),
+        default="float",
+        help="float: the PyTorch model of a checkpoint; int: the integer engine on a file written by distq export",
+    )
     ev.set_defaults(func=_eval)
+
+    from distq.export.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -93,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from distq.train.preemption import REQUEUE_EXIT_CODE, Preempted
+
     try:
         return args.func(args)
+    except Preempted as exc:
+        print(f"distq: {exc}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     except DistqError as exc:
         if args.debug:
             raise

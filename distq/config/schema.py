@@ -7,7 +7,7 @@ Every field has its default here and nowhere else. ``DistqConfig`` is the whole 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from distq.quant.functional import VALID_BITS
 
@@ -44,9 +44,9 @@ class ModelConfig:
     """Base width of a ResNet (torchvision: 64)."""
     small_input: bool = False
     """3x3 stride-1 stem without max-pool, for 32x32 images."""
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
     """Number of classes; null takes it from the dataset."""
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """Path of a full-precision state_dict file (e.g. torchvision's) to start from."""
 
     def __post_init__(self):
@@ -83,7 +83,7 @@ class QuantConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    root: Optional[str] = None
+    root: str | None = None
     """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG);
     null uses the embedded digits dataset."""
     loader: Literal["torchvision", "dali"] = "torchvision"
@@ -131,7 +131,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     """Linear warm-up from 0 over this many epochs."""
     label_smoothing: float = 0.0
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     """Clip the global gradient norm to this value; null disables."""
 
     def __post_init__(self):
@@ -148,6 +148,30 @@ class TrainConfig:
             raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.grad_clip is not None:
             _check_positive("train.grad_clip", self.grad_clip)
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """How the run uses its processes; launchers (torchrun, accelerate, srun) set the ranks."""
+
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"
+    """auto: DeepSpeed when there is more than one process, plain PyTorch otherwise."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0, 1 or 2: shard optimizer state (1) and gradients (2) over ranks."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = data.batch_size x processes x grad_accum)."""
+    bf16: bool | None = None
+    """bf16 training; null: on with CUDA, off on CPU (fp32)."""
+    backend: Literal["nccl", "gloo"] | None = None
+    """Process-group backend; null: nccl with CUDA, gloo otherwise."""
+    timeout_s: int = 300
+    """Collective timeout: a dead or hung rank makes the job fail after this long instead of hanging."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"dist.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        _check_positive("dist.grad_accum", self.grad_accum)
+        _check_positive("dist.timeout_s", self.timeout_s)
 
 
 @dataclass(kw_only=True)
@@ -237,19 +261,19 @@ class CyclicConfig:
 class PrecisionConfig:
     """The precision controller's policies; an absent (null) section is off."""
 
-    progressive: Optional[ProgressiveConfig] = None
-    two_stage: Optional[TwoStageConfig] = None
-    stochastic: Optional[StochasticConfig] = None
-    aqe: Optional[AqeScheduleConfig] = None
-    aux_branch: Optional[AuxBranchConfig] = None
-    cyclic: Optional[CyclicConfig] = None
+    progressive: ProgressiveConfig | None = None
+    two_stage: TwoStageConfig | None = None
+    stochastic: StochasticConfig | None = None
+    aqe: AqeScheduleConfig | None = None
+    aux_branch: AuxBranchConfig | None = None
+    cyclic: CyclicConfig | None = None
 
 
 @dataclass(kw_only=True)
 class StudentConfig:
     w_bits: int
     a_bits: int
-    name: Optional[str] = None
+    name: str | None = None
     """Defaults to student_w{w_bits}a{a_bits}."""
 
     def __post_init__(self):
@@ -280,15 +304,15 @@ class GuidedConfig:
     """Guide cross-entropy weight."""
     lambda_gl: float = 0.5
     """Guide KL(student || guide) weight, averaged over students."""
-    guide_lr: Optional[float] = None
+    guide_lr: float | None = None
     """Guide learning rate; null uses train.lr."""
-    student_lr: Optional[float] = None
+    student_lr: float | None = None
     """Students' learning rate; null uses train.lr."""
-    guide_pretrained: Optional[str] = None
+    guide_pretrained: str | None = None
     """Full-precision state_dict file for the guide."""
     students_from_guide: bool = True
     """Initialise every student with the guide's weights."""
-    hint: Optional[HintConfig] = None
+    hint: HintConfig | None = None
 
     def __post_init__(self):
         if not self.students:
@@ -309,8 +333,9 @@ class DistqConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    guided: Optional[GuidedConfig] = None
+    guided: GuidedConfig | None = None
 
     def __post_init__(self):
         from distq.controller.validate import validate_precision

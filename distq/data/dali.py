@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from distq.config.schema import DataConfig
-from distq.data.folder import DataError, class_names, image_folder
-from distq.data.loaders import DataBundle, epoch_seed, resolve_root
+from distq.data.folder import DataError, image_folder
+from distq.data.loaders import DataBundle, checked_class_names, epoch_seed, resolve_root
 from distq.data.transforms import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
 from distq.errors import DistqError
 
@@ -168,17 +168,19 @@ class DaliTrainLoader:
 
     def __init__(self, cfg: DataConfig, split: _Split, seed: int, rank: int, world: int, device_id: int | None):
         self.cfg, self.split, self.rank, self.world, self.device_id = cfg, split, rank, world, device_id
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.skip = seed, 0, 0
         self.sampler = DistributedSampler(
             range(len(split)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
 
-    def set_epoch(self, seed: int, epoch: int) -> None:
-        """Like the torchvision path: the order uses the build seed, the augmentation this one."""
-        self.seed, self.epoch = seed, epoch
+    def set_epoch(self, seed: int, epoch: int, skip_batches: int = 0) -> None:
+        """Like the torchvision path: the order uses the build seed, the augmentation this one.
+        ``skip_batches`` leaves out the epoch's first batches (mid-epoch resume); the
+        remaining batches hold the same images, but their random crops are drawn anew."""
+        self.seed, self.epoch, self.skip = seed, epoch, skip_batches * self.cfg.batch_size
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.cfg.batch_size
+        return (len(self.sampler) - self.skip) // self.cfg.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return _batches(self._epoch_iterator())
@@ -186,7 +188,7 @@ class DaliTrainLoader:
     def _epoch_iterator(self) -> DALIGenericIterator:
         """A fresh pipeline over this epoch's files: seconds at most (1.6 s for 640k files on 2 CPU cores)."""
         self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)
+        order = list(self.sampler)[self.skip :]
         pipe = train_pipeline(
             files=[self.split.files[i] for i in order],
             labels=[self.split.labels[i] for i in order],
@@ -246,17 +248,17 @@ class DaliBundle(DataBundle):
     train: DaliTrainLoader
     val: DaliValLoader
 
-    def start_epoch(self, seed: int, epoch: int) -> None:
-        self.train.set_epoch(seed, epoch)
+    def start_epoch(self, seed: int, epoch: int, skip_batches: int = 0) -> None:
+        self.train.set_epoch(seed, epoch, skip_batches)
 
 
 def build_dali_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> DaliBundle:
     """DALI counterpart of ``build_torchvision_loaders``: same files, labels, shards and steps."""
     root = resolve_root(cfg)
-    classes = class_names(root)
+    classes = checked_class_names(root)
     device_id = _device_id()
     train = DaliTrainLoader(cfg, _Split.read(root, "train"), seed, rank, world, device_id)
-    if len(train) == 0:
+    if len(train.sampler) < cfg.batch_size:
         raise DataError(
             f"data.batch_size={cfg.batch_size} is larger than each rank's share of {root / 'train'} "
             f"({len(train.sampler)} images on each of {world} ranks): lower data.batch_size"

@@ -1,9 +1,10 @@
 """Build the train/val loaders of a run (torchvision path).
 
-Data order and augmentation are pure functions of (seed, epoch): the sampler is
-seeded with the run seed and told the epoch, and the loader's generator, which seeds
-the workers' augmentation RNG, is re-seeded at every epoch. A run resumed at an epoch
-boundary therefore sees exactly the batches the uninterrupted run saw.
+Data order is a pure function of (seed, epoch) (a seeded ``DistributedSampler``), and
+each sample's augmentation a pure function of (seed, epoch, index): the RNG is seeded
+per sample, so it does not depend on the worker count or on where a run was resumed.
+A run resumed mid-epoch skips the batches it already trained on and then sees exactly
+the batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distq.config.schema import DataConfig
 from distq.data.digits import ensure_digits
-from distq.data.folder import class_names, image_folder
+from distq.data.folder import DataError, class_names, image_folder
 from distq.data.transforms import train_transform, val_transform
 
 
@@ -33,6 +34,40 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class SeededSamples(Dataset):
+    """Draws each sample's augmentation from the RNG seeded with (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        torch.manual_seed(epoch_seed(self.seed, self.epoch) + 104_729 * index)
+        return self.dataset[index]
+
+
+class ResumableSampler(Sampler[int]):
+    """This rank's ``DistributedSampler`` order for the epoch, minus the first ``skip`` samples."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip :])
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
+
+
 @dataclass
 class DataBundle:
     train: DataLoader
@@ -40,17 +75,30 @@ class DataBundle:
     classes: list[str]
     root: Path
 
-    def start_epoch(self, seed: int, epoch: int) -> None:
-        self.train.sampler.set_epoch(epoch)
-        self.train.generator.manual_seed(epoch_seed(seed, epoch))
+    def start_epoch(self, seed: int, epoch: int, skip_batches: int = 0) -> None:
+        """Prepare the train loader for ``epoch``, leaving out its first ``skip_batches``
+        batches (already trained on before a mid-epoch checkpoint)."""
+        self.train.dataset.epoch = epoch
+        self.train.sampler.set_epoch(epoch, skip_batches * self.train.batch_size)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**62)
 
 
 def resolve_root(cfg: DataConfig) -> Path:
     return Path(cfg.root) if cfg.root is not None else ensure_digits()
+
+
+def checked_class_names(root: Path) -> list[str]:
+    """The class list, after checking val/ has the same class folders as train/ (the
+    label of a val image is its folder's index, so a missing folder would shift labels)."""
+    classes = class_names(root)
+    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir()) if (root / "val").is_dir() else []
+    if val_classes and val_classes != classes:
+        missing = sorted(set(classes) ^ set(val_classes))
+        raise DataError(f"{root}/train and {root}/val have different class folders ({', '.join(missing[:5])}): give both the same classes")
+    return classes
 
 
 def build_val_loader(cfg: DataConfig, root: Path, rank: int = 0, world: int = 1) -> DataLoader:
@@ -74,16 +122,15 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> 
 
 def build_torchvision_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> DataBundle:
     root = resolve_root(cfg)
-    classes = class_names(root)
-    train_set = image_folder(root, "train", train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip))
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    classes = checked_class_names(root)
+    train_set = SeededSamples(image_folder(root, "train", train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip)), seed)
+    sampler = ResumableSampler(DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True))
     train = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,
         drop_last=True,
-        generator=torch.Generator(),
         pin_memory=torch.cuda.is_available(),
     )
     return DataBundle(train=train, val=build_val_loader(cfg, root, rank, world), classes=classes, root=root)

@@ -1,0 +1,200 @@
+"""Everything about processes and devices, in one place.
+
+The trainer talks to an ``Engine``: forward the team, back-propagate, step, reduce
+metrics, save and load the optimizer side of checkpoints. ``TorchEngine`` runs one
+process; ``DeepSpeedEngine`` runs the guide and students as one DeepSpeed engine over
+all data-parallel ranks (ZeRO 0/1/2 sharding their optimizer state and gradients). The
+rest of the code never asks whether it is distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from distq.config.schema import DistConfig, TrainConfig
+from distq.dist.env import DistEnv, detect
+from distq.errors import DistqError
+
+DEEPSPEED_DIR = "deepspeed"
+
+
+class TeamModule(nn.Module):
+    """All models of a run (and the aux branches) as one module: one engine, one optimizer."""
+
+    def __init__(self, models: nn.ModuleDict, extra: nn.ModuleDict):
+        super().__init__()
+        self.models = models
+        self.extra = extra  # parameters trained alongside the models (aux branches)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: model(images) for name, model in self.models.items()}
+
+
+def init_process_group(env: DistEnv, cfg: DistConfig) -> None:
+    """Join the job's process group, with a collective timeout so a dead rank fails the job."""
+    if not env.distributed or dist.is_initialized():
+        return
+    backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+
+
+def device_for(env: DistEnv) -> torch.device:
+    return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Engine:
+    """The interface the trainer uses; see the two implementations below."""
+
+    env: DistEnv
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    team: TeamModule
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.team(images)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.env.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (e.g. a preemption signal)."""
+        if not self.env.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if self.backend_needs_device else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @property
+    def backend_needs_device(self) -> bool:
+        return dist.is_initialized() and dist.get_backend() == "nccl"
+
+    def barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+class TorchEngine(Engine):
+    """One process, plain PyTorch: the reference the distributed engine must match."""
+
+    def __init__(self, team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, env: DistEnv):
+        self.env, self.cfg, self.train_cfg = env, cfg, train
+        self.device = device_for(env)
+        self.team = team.to(self.device)
+        self.optimizer = optimizer
+        self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
+
+    def autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self, boundary: bool) -> None:
+        """Called after every micro-batch; steps at the end of an accumulation window."""
+        if not boundary:
+            return
+        if self.train_cfg.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict, run_dir: Path) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def save_sharded(self, run_dir: Path, tag: str, keep: int) -> None:
+        """Nothing beyond the checkpoint file: one process holds the whole optimizer state."""
+
+
+class DeepSpeedEngine(Engine):
+    """Guide + students in one DeepSpeed engine over all ranks."""
+
+    def __init__(self, team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, env: DistEnv, micro_batch: int):
+        import deepspeed
+
+        self.env, self.cfg = env, cfg
+        self.device = device_for(env)
+        bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "train_batch_size": micro_batch * cfg.grad_accum * env.world,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        if train.grad_clip is not None:
+            ds_config["gradient_clipping"] = train.grad_clip
+        if not dist.is_initialized():
+            deepspeed.init_distributed(
+                dist_backend=cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=team.to(self.device), optimizer=optimizer, config=ds_config)
+        self.team = self.engine.module
+        self.bf16 = bf16
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.bf16:
+            images = images.to(torch.bfloat16)
+        return {name: z.float() for name, z in self.engine(images).items()}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self, boundary: bool) -> None:
+        self.engine.step()  # DeepSpeed counts micro-batches itself and steps on the boundary
+
+    def optimizer_state(self) -> None:
+        return None  # sharded: saved by save_sharded
+
+    def save_sharded(self, run_dir: Path, tag: str, keep: int) -> None:
+        """Every rank writes its optimizer shard; DeepSpeed updates ``latest`` last."""
+        folder = Path(run_dir) / "checkpoints" / DEEPSPEED_DIR
+        self.engine.save_checkpoint(str(folder), tag=tag)
+        self.barrier()
+        if self.env.is_main:
+            tags = sorted(p for p in folder.iterdir() if p.is_dir())
+            for old in tags[: -max(1, keep)]:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_optimizer_state(self, state, run_dir: Path) -> None:
+        folder = Path(run_dir) / "checkpoints" / DEEPSPEED_DIR
+        if not (folder / "latest").is_file():
+            raise DistqError(f"{folder} has no DeepSpeed checkpoint to resume the optimizer from: start a fresh run.dir")
+        self.engine.load_checkpoint(str(folder), load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+def build_engine(team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, micro_batch: int, env: DistEnv | None = None) -> Engine:
+    env = env or detect()
+    use_deepspeed = cfg.engine == "deepspeed" or (cfg.engine == "auto" and env.distributed)
+    if use_deepspeed:
+        return DeepSpeedEngine(team, optimizer, train, cfg, env, micro_batch)
+    if env.distributed:
+        raise DistqError(f"dist.engine=torch runs a single process but {env.world} were launched: use dist.engine=deepspeed (or auto)")
+    return TorchEngine(team, optimizer, train, cfg, env)
