@@ -1,0 +1,50 @@
+"""Train a BN-free quantized CNN for N steps on a fixed global batch sequence; rank 0 saves
+the final weights. Run as one process (TorchEngine) or under torchrun (DeepSpeed ZeRO)."""
+
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distq.config.schema import DistConfig, TrainConfig
+from distq.dist import TeamModule, build_engine, detect
+from distq.quant import QAct, QConv2d
+from distq.train.optim import build_optimizer, param_groups
+
+GLOBAL_BATCH, STEPS = 16, 20
+
+
+def main(out: str, engine_kind: str, zero_stage: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        QAct(4),
+        QConv2d(8, 16, 3, padding=1, bits=4),
+        QAct(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    train = TrainConfig(epochs=1, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    env = detect()
+    micro = GLOBAL_BATCH // env.world
+    optimizer = build_optimizer(param_groups(model, train.lr, train.weight_decay), train)
+    engine = build_engine(TeamModule(nn.ModuleDict({"model": model}), nn.ModuleDict()), optimizer, train,
+                          DistConfig(engine=engine_kind, zero_stage=zero_stage), micro, env)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        images = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=data)
+        labels = torch.randint(0, 10, (GLOBAL_BATCH,), generator=data)
+        mine = slice(env.rank * micro, (env.rank + 1) * micro)
+        logits = engine.forward(images[mine])["model"]
+        engine.backward(F.cross_entropy(logits, labels[mine]))
+        engine.step(True)
+    if env.is_main:
+        final = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save({"initial": initial, "final": final}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
