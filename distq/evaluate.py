@@ -7,7 +7,8 @@ from distq.data import build_val_loader, class_names, resolve_root
 from distq.errors import DistqError
 from distq.models.build import build_model
 from distq.train.checkpoint import load_checkpoint, load_weights
-from distq.train.trainer import MAIN_MODEL, evaluate
+from distq.train.team import SINGLE
+from distq.train.trainer import evaluate
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None) -> dict:
@@ -28,6 +29,6 @@ def evaluate_checkpoint(path: str, data_root: str | None = None) -> dict:
         model = build_model(cfg.model, cfg.quant, len(classes))
         load_weights(model, weights, f"checkpoint {path!r}")
         metrics = evaluate(model, loader)
-        prefix = "val" if name == MAIN_MODEL else f"val/{name}"
+        prefix = "val" if name == SINGLE else f"val/{name}"
         results.update({f"{prefix}/top1": metrics["top1"], f"{prefix}/top5": metrics["top5"]})
     return results
