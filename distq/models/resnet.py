@@ -14,11 +14,15 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 
-class DistqBasicBlock(BasicBlock):
+class _OwnOutputActivation:
+    """Gives a torchvision block a separate module for its output activation."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.act_out = nn.ReLU(inplace=True)
 
+
+class DistqBasicBlock(_OwnOutputActivation, BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -26,11 +30,7 @@ class DistqBasicBlock(BasicBlock):
         return self.act_out(out + identity)
 
 
-class DistqBottleneck(Bottleneck):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.act_out = nn.ReLU(inplace=True)
-
+class DistqBottleneck(_OwnOutputActivation, Bottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
