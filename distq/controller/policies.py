@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from distq.config.loader import ConfigError
 from distq.controller import schedules
 from distq.controller.timeline import Clock
+from distq.controller.validate import AUX_END_WHY
 from distq.quant.functional import FULL_PRECISION
 
 
@@ -60,6 +62,11 @@ class Progressive:
     def __init__(self, cfg, clock: Clock):
         self.w_seq, self.a_seq = cfg.w_bits, cfg.a_bits
         self.lengths = [clock.steps(s, f"precision.progressive.stages[{i}]") for i, s in enumerate(cfg.stages)]
+        if sum(self.lengths) >= clock.total_steps:
+            raise ConfigError(
+                f"precision.progressive.stages add up to {sum(self.lengths)} steps, not less than the run's {clock.total_steps}: "
+                f"the last stage would never run"
+            )
 
     def contribute(self, step: int, p: Precision) -> None:
         p.stage = schedules.stage_index(step, self.lengths)
@@ -72,6 +79,8 @@ class Progressive:
 class TwoStage:
     def __init__(self, cfg, clock: Clock):
         self.weights_only = clock.steps(cfg.weights_only, "precision.two_stage.weights_only")
+        if self.weights_only >= clock.total_steps:
+            raise ConfigError(f"precision.two_stage.weights_only={cfg.weights_only!r} leaves no time for the second stage")
 
     def contribute(self, step: int, p: Precision) -> None:
         p.a_floor = max(p.a_floor, schedules.two_stage_act_bits(step, self.weights_only, 1))
@@ -101,6 +110,10 @@ class AuxDecay:
         self.decay = cfg.decay
         self.start = clock.steps(cfg.start, "precision.aux_branch.start")
         self.end = clock.steps(cfg.end, "precision.aux_branch.end")
+        if self.end >= clock.total_steps:
+            raise ConfigError(f"precision.aux_branch.end={cfg.end!r} must come before the end of the run ({clock.total_steps} steps): {AUX_END_WHY}")
+        if self.end <= self.start:
+            raise ConfigError(f"precision.aux_branch.end={cfg.end!r} must come after precision.aux_branch.start={cfg.start!r}")
         self.halve_every = max(1, clock.steps(cfg.halve_every, "precision.aux_branch.halve_every"))
 
     def contribute(self, step: int, p: Precision) -> None:
@@ -118,8 +131,6 @@ class Cyclic:
         self.lp = clock.steps(cfg.lp_length, "precision.cyclic.lp_length")
         total = schedules.cyclic_length(self.levels, self.cycles, self.fp, self.lp)
         if total > clock.total_steps:
-            from distq.config.loader import ConfigError
-
             raise ConfigError(f"precision.cyclic needs {total} steps but the run has {clock.total_steps}: fewer cycles or shorter phases")
 
     def contribute(self, step: int, p: Precision) -> None:

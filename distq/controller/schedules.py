@@ -58,12 +58,13 @@ def aux_factor_cosine(step: int, start: int, end: int) -> float:
 
 
 def aux_factor_step(step: int, start: int, end: int, halve_every: int) -> float:
-    """Aux branch: 1 until ``start``, halved every ``halve_every`` steps, exactly 0 at ``end``."""
+    """Aux branch: 1 until ``start + halve_every`` (it decays from 1, as the cosine does), then
+    halved every ``halve_every`` steps, exactly 0 at ``end``."""
     if step < start:
         return 1.0
     if step >= end:
         return 0.0
-    return 0.5 ** ((step - start) // halve_every + 1)
+    return 0.5 ** ((step - start) // halve_every)
 
 
 def cyclic_levels(start_bits: int, target: int) -> list[int]:

@@ -7,17 +7,18 @@ from dataclasses import dataclass
 
 from distq.config.loader import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ep|ba|dur)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ep|ba|dur)?\s*$")
 
 
 def parse_duration(value, key: str) -> tuple[float, str]:
-    """``"30ep"`` -> ``(30.0, "ep")``; a bare number counts as epochs."""
+    """``"30ep"`` -> ``(30.0, "ep")``; a bare number counts as epochs, also as a string (the
+    config stores durations as strings, so YAML's ``3`` arrives here as ``"3"``)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value), "ep"
     match = _DURATION.match(str(value))
     if not match:
         raise ConfigError(f'{key}={value!r} is not a duration: write e.g. "30ep" (epochs), "2000ba" (steps) or "0.5dur" (fraction of the run)')
-    return float(match.group(1)), match.group(2)
+    return float(match.group(1)), match.group(2) or "ep"
 
 
 def duration_epochs(value, key: str, total_epochs: int) -> float | None:

@@ -13,6 +13,9 @@ INCOMPATIBLE = {
     ("stochastic", "cyclic"): "cyclic training's full-precision phases leave nothing to sample",
 }
 
+# The trained network must be exactly the low-precision one, so f must reach 0 while training.
+AUX_END_WHY = "the branch is removed only once f reaches 0, so end it earlier, e.g. 0.5dur"
+
 
 def target_bits(cfg) -> tuple[int, int]:
     """The lowest final (w_bits, a_bits) any trained low-precision model must reach."""
@@ -91,6 +94,8 @@ def validate_precision(cfg) -> None:
         aux = p.aux_branch
         start = _fits(cfg, "precision.aux_branch.start", aux.start)
         end = _fits(cfg, "precision.aux_branch.end", aux.end)
+        if end is not None and end >= cfg.train.epochs:
+            raise ConfigError(f"precision.aux_branch.end={aux.end!r} must come before the end of the run (train.epochs={cfg.train.epochs}): {AUX_END_WHY}")
         if start is not None and end is not None and end <= start:
             raise ConfigError(f"precision.aux_branch.end={aux.end!r} must come after precision.aux_branch.start={aux.start!r}")
         _fits(cfg, "precision.aux_branch.halve_every", aux.halve_every)
