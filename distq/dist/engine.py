@@ -85,6 +85,18 @@ class Engine:
         if self.env.distributed:
             dist.barrier()
 
+    def broadcast_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does.
+
+        Each rank updates them from its own shard; the checkpoint holds rank 0's, so the
+        models evaluated on every rank must be rank 0's too: otherwise the reported accuracy
+        is not the saved model's, and a run resumed mid-epoch (all ranks restart from rank 0's
+        buffers) would report different numbers than the uninterrupted run.
+        """
+        if self.env.distributed:
+            for buffer in self.team.buffers():
+                dist.broadcast(buffer.data, src=0)
+
     def autocast(self):
         return contextlib.nullcontext()
 

@@ -191,6 +191,7 @@ class Trainer:
         try:
             for epoch in range(self.epoch, self.cfg.train.epochs):
                 self.train_epoch(epoch)
+                self.engine.broadcast_buffers()
                 self.controller.on_event(Event.EPOCH_END, self.step)
                 metrics = {name: self.evaluate(m) for name, m in self.models.items()}
                 self.end_epoch(epoch, metrics, time.perf_counter() - start)
