@@ -1,0 +1,182 @@
+"""slurm/train.sbatch and slurm/sweep.sbatch on a real one-node SLURM cluster (started by
+tests/slurm/start_cluster.sh, which installs slurm-wlm and munge with apt-get if needed).
+
+- a 2-process CPU job (one torchrun task, world size 2) trains to completion;
+- SIGUSR1 to a running job (scancel --signal=USR1 --full): distq checkpoints mid-run, the job
+  requeues itself, resumes with --resume auto and ends with the uninterrupted job's results
+  and weights, bit for bit;
+- a job array trains one config per index.
+
+Jobs run one after another (the node has 2 CPUs), so the file takes minutes: slow + slurm.
+There is no slurmdbd (no sacct): job states come from `scontrol show job` (finished jobs stay
+for MinJobAge=600 s) and from the exit file train.sbatch writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distq.train.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+# 3 epochs of 11 steps (2 ranks x 64 images per step): long enough to signal in epoch 2.
+TINY = ["model.width=4", "data.batch_size=64", "data.workers=0", "train.epochs=3", "log.progress=false", "log.tensorboard=false"]
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory):
+    """Environment (SLURM_CONF) of a one-node cluster up for the session; skips if SLURM cannot be had."""
+    state = tmp_path_factory.mktemp("slurm-cluster")
+    started = subprocess.run(["bash", HERE / "start_cluster.sh", state], capture_output=True, text=True, timeout=900)
+    if started.returncode == 77:
+        pytest.skip(f"no SLURM cluster on this machine: {started.stderr.strip().splitlines()[-1]}")
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield {"SLURM_CONF": str(state / "slurm.conf")}
+    subprocess.run(["bash", HERE / "stop_cluster.sh", state], timeout=60)
+
+
+class Job:
+    """One sbatch submission of a slurm/ script, its log and exit file under ``folder``."""
+
+    def __init__(self, slurm_env: dict, folder: Path, script: str, env: dict[str, str], *sbatch_args: str):
+        self.slurm_env, self.folder = slurm_env, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log, self.exit_file = folder / "slurm.log", folder / "exit"
+        job_env = {**os.environ, **slurm_env, "PYTHON": sys.executable, "DISTQ_EXIT_FILE": str(self.exit_file), **env}
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", f"--output={self.log}", *sbatch_args, script],
+            cwd=REPO_ROOT, env=job_env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        self.id = submitted.stdout.strip().split(";")[0]
+
+    def command(self, *args: str) -> subprocess.CompletedProcess:
+        """A SLURM command (scontrol, scancel, ...) talking to the test cluster."""
+        return subprocess.run(args, env={**os.environ, **self.slurm_env}, capture_output=True, text=True, timeout=60)
+
+    def info(self, job_id: str | None = None) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""
+        shown = self.command("scontrol", "show", "job", "-o", job_id or self.id)
+        assert shown.returncode == 0, shown.stderr
+        return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+
+    def wait(self, timeout: float, job_id: str | None = None) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while (info := self.info(job_id))["JobState"] not in ENDED:
+            if time.monotonic() > deadline:
+                pytest.fail(f"job {job_id or self.id} still {info['JobState']} after {timeout:.0f} s; log:\n{self.tail()}")
+            time.sleep(1)
+        return info
+
+    def exits(self) -> list[str]:
+        return self.exit_file.read_text().splitlines() if self.exit_file.exists() else []
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text()[-chars:] if self.log.exists() else "(no log)"
+
+
+def train_job(slurm_env, folder: Path, distq_cache: Path) -> Job:
+    """slurm/train.sbatch in CPU mode: one node, one torchrun task starting 2 processes."""
+    env = {
+        "DISTQ_CACHE": str(distq_cache),
+        "DISTQ_CONFIG": "configs/digits_w4a4.yaml",
+        "DISTQ_OVERRIDES": " ".join([*TINY, f"run.dir={folder / 'run'}"]),
+        "CPU_PROCS_PER_NODE": "2",
+    }
+    return Job(slurm_env, folder, "slurm/train.sbatch", env, "--cpus-per-task=2", "--job-name=distq-test")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, tmp_path_factory, digits_root, distq_cache):
+    """The reference: the tiny config trained by one sbatch job, never signalled."""
+    job = train_job(slurm_env, tmp_path_factory.mktemp("uninterrupted"), distq_cache)
+    return job, job.wait(timeout=600)
+
+
+def test_sbatch_trains_with_two_processes(uninterrupted):
+    job, info = uninterrupted
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), job.tail()
+    assert job.exits() == ["restart=0 exit=0"]
+    assert "node 0/1 on " in job.log.read_text() and ": 2 processes (torchrun)" in job.log.read_text()
+    results = json.loads((job.folder / "run" / "results.json").read_text())
+    assert (results["world_size"], results["epochs"], results["steps"]) == (2, 3, 33)
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_env, uninterrupted, tmp_path, distq_cache):
+    reference, _ = uninterrupted
+    job = train_job(slurm_env, tmp_path / "signalled", distq_cache)
+    last = job.folder / "run" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not last.exists():  # the first epoch's checkpoint: training is under way
+        assert job.info()["JobState"] in {"PENDING", "CONFIGURING", "RUNNING"}, job.tail()
+        assert time.monotonic() < deadline, job.tail()
+        time.sleep(0.1)
+    signalled = job.command("scancel", "--signal=USR1", "--full", job.id)
+    assert signalled.returncode == 0, signalled.stderr
+
+    deadline = time.monotonic() + 300
+    while (info := job.info())["Restarts"] == "0":
+        assert info["JobState"] not in ENDED, f"the job ended instead of requeueing itself:\n{job.tail()}"
+        assert time.monotonic() < deadline, job.tail()
+        time.sleep(0.5)
+    assert job.exits() == ["restart=0 exit=3 requeued"]
+    if info["JobState"] == "PENDING":  # SLURM holds a requeued job ~2 minutes (Reason=BeginTime)
+        job.command("scontrol", "update", f"JobId={job.id}", "StartTime=now")
+
+    info = job.wait(timeout=600)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), job.tail()
+    assert job.exits() == ["restart=0 exit=3 requeued", "restart=1 exit=0"]
+    log = job.log.read_text()
+    stopped = re.search(r"distq: stopped by signal at epoch (\d+), batch (\d+)", log)
+    resumed = re.search(rf"resumed from {re.escape(str(last))} at epoch (\d+), batch (\d+), step (\d+)", log)
+    assert stopped and resumed, log[-4000:]
+    # A mid-epoch checkpoint (the signal came in epoch 2 or 3) and a resume from exactly there.
+    assert int(stopped[1]) in (2, 3) and int(stopped[2]) > 0
+    assert (int(resumed[1]), int(resumed[2])) == (int(stopped[1]) - 1, int(stopped[2]))
+
+    want = json.loads((reference.folder / "run" / "results.json").read_text())
+    got = json.loads((job.folder / "run" / "results.json").read_text())
+    for results in (want, got):
+        results.pop("wall_time_s")
+    assert got == want
+    final = load_checkpoint(last)
+    expected = load_checkpoint(reference.folder / "run" / "checkpoints" / "last.pt")
+    assert final["history"] == expected["history"]
+    weights = {k: v for k, v in expected["models"]["model"].items() if isinstance(v, torch.Tensor)}
+    assert len(weights) > 50
+    for name, tensor in weights.items():
+        assert torch.equal(final["models"]["model"][name], tensor), name
+
+
+def test_sweep_array_trains_one_config_per_index(slurm_env, tmp_path, digits_root, distq_cache):
+    listing = tmp_path / "sweep.txt"
+    listing.write_text("# two runs\nconfigs/digits_w4a4.yaml\n\nconfigs/digits_fp.yaml seed=3\n")
+    env = {
+        "DISTQ_CACHE": str(distq_cache),
+        "SWEEP_LIST": str(listing),
+        "SWEEP_DIR": str(tmp_path / "runs"),
+        "DISTQ_OVERRIDES": " ".join([*TINY, "train.epochs=1", "train.warmup_epochs=0"]),
+        "CPU_PROCS_PER_NODE": "1",  # one process each: both tasks fit the 2 CPUs at once
+    }
+    job = Job(slurm_env, tmp_path, "slurm/sweep.sbatch", env, "--array=0-1", "--cpus-per-task=1")
+    for index in (0, 1):
+        info = job.wait(timeout=600, job_id=f"{job.id}_{index}")
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.tail()
+    for name in ("00-digits_w4a4", "01-digits_fp"):
+        results = json.loads((tmp_path / "runs" / name / "results.json").read_text())
+        assert (results["world_size"], results["epochs"]) == (1, 1)
+    assert "seed: 3" in (tmp_path / "runs" / "01-digits_fp" / "config.yaml").read_text()
+    assert job.exits() == ["restart=0 exit=0"] * 2
