@@ -68,7 +68,7 @@ def test_digits_second_call_reuses_the_copy(digits_root):
 def test_digits_images_show_the_digit(digits_root):
     # A decoded image is a bright stroke on black, centred: not noise, not blank.
     path = next((digits_root / "val" / "digit_0").iterdir())
-    image = torch.from_numpy(np.asarray(load_rgb(str(path)))).float()
+    image = torch.from_numpy(np.array(load_rgb(str(path)))).float()
     assert image.shape == (32, 32, 3)
     assert (image[..., 0] - image[..., 1]).abs().max() <= 2 and (image[..., 1] - image[..., 2]).abs().max() <= 2  # grey
     assert image.max() > 150 and image.min() < 30
