@@ -49,7 +49,7 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown_key(root_cls: type, key: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid_keys(root_cls), n=1, cutoff=0.5)
-    hint = f": did you mean '{close[0]}'?" if close else f": valid keys are listed by 'distq train --help-config'"
+    hint = f": did you mean '{close[0]}'?" if close else ": valid keys are listed by 'distq train --help-config'"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
@@ -96,6 +96,11 @@ def _coerce(value: Any, tp: Any, key: str, root_cls: type) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
