@@ -1,9 +1,12 @@
 """Pure tensor maths of the quantizers (METHODS.md section 1).
 
 Everything here is a function of tensors and plain numbers; the layers in
-``distq.quant.layers`` decide *when* to call it. Each quantizer is a custom
-autograd function so that the forward is a single fused expression and the
-backward saves at most one mask, never the intermediate graph.
+``distq.quant.layers`` decide *when* to call it. Each quantizer is one custom
+autograd function: the forward writes its result into a single buffer (every step
+after the first in place, with exactly the float operations of the formula), and the
+backward is written out by hand from what the forward saved, never from a recorded
+graph. On CPU a fresh large tensor costs more than the arithmetic (its pages are
+faulted in on first write), so the fewer buffers the faster.
 
 Bit-width conventions: ``bits`` is an int in 1..8, or 32 meaning "full
 precision" (the input is returned unchanged).
@@ -49,14 +52,65 @@ def _reduce_dims(w: torch.Tensor, per_channel: bool) -> tuple[int, ...] | None:
     return tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else None
 
 
-def _amax(t: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    dims = _reduce_dims(t, per_channel)
-    return t.amax() if dims is None else t.amax(dim=dims, keepdim=True)
-
-
 def _mean(t: torch.Tensor, per_channel: bool) -> torch.Tensor:
     dims = _reduce_dims(t, per_channel)
     return t.mean() if dims is None else t.mean(dim=dims, keepdim=True)
+
+
+def _sum(t: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
+    return t.sum() if dims is None else t.sum(dim=dims, keepdim=True)
+
+
+def _max_abs(t: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
+    """max|t| over the whole tensor, or over ``dims`` (kept as size-1 dims)."""
+    if dims is None:
+        low, high = torch.aminmax(t)  # one pass, no |t| buffer
+        return torch.maximum(high, -low)
+    return t.abs().amax(dim=dims, keepdim=True)  # aminmax along a dim is slower than this on CPU
+
+
+class _DorefaWeight(torch.autograd.Function):
+    """k >= 2: w_q = 2 Q_k(tanh(w) / (2 s) + 1/2) - 1 with s = max|tanh w| (per layer or channel).
+
+    Forward and backward perform autograd's float operations for that formula (with the
+    rounding straight-through) one by one, so outputs and gradients are the same to the
+    bit; they only skip the recorded graph and its intermediate buffers. The gradient goes
+    through t / (2 s) directly, and through s, whose gradient autograd's amax splits
+    equally among the elements where |t| == s (with the sign of t, from abs); then
+    tanh' = 1 - t^2.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+        dims = _reduce_dims(w, per_channel)
+        levels = (1 << bits) - 1
+        t = torch.tanh(w)
+        s = _max_abs(t, dims)
+        d = 2 * s
+        q = t / d
+        # round(...) / levels * 2 - 1, with "/ levels * 2" as one exact "/ (levels / 2)".
+        q.add_(0.5).mul_(levels).round_().div_(levels / 2).sub_(1)
+        ctx.dims = dims
+        ctx.save_for_backward(t, s, d)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        t, s, d = ctx.saved_tensors
+        dims = ctx.dims
+        # One buffer, reused in place step by step (a fresh CPU buffer costs more than the
+        # arithmetic). First dL/ds = 2 dL/dd, dL/dd = sum(-2 g (t / d) / d) (the upstream of
+        # t / d is 2 g, from 2 Q - 1).
+        buf = t / d
+        grad_s = -4 * _sum(buf.div_(d).mul_(grad), dims)
+        # Then 1 where |t| == s, else 0: t / s is exactly +-1 there and strictly inside
+        # (-1, 1) elsewhere (|t| < s rounds to at most the float below 1), so trunc finds them.
+        peaks = torch.div(t, s, out=buf).trunc_().abs_()
+        share = grad_s / _sum(peaks, dims)
+        # dL/dt = share * sign(t) at the peaks + 2 g / d (which is g / s exactly) ...
+        grad_t = peaks.copysign_(t).mul_(share).addcdiv_(grad, s)
+        # ... times tanh' = 1 - t^2, by the kernel autograd uses for tanh.
+        return torch.ops.aten.tanh_backward.grad_input(grad_t, t, grad_input=grad_t), None, None
 
 
 class _BinaryWeight(torch.autograd.Function):
@@ -65,14 +119,18 @@ class _BinaryWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, per_channel: bool) -> torch.Tensor:
         ctx.save_for_backward(w)
-        scale = _mean(w.abs(), per_channel)
-        # sign(0) is taken as +1 so that exactly two levels exist.
-        return torch.where(w >= 0, scale, -scale)
+        out = w.abs()
+        scale = _mean(out, per_channel)  # = binary_weight_scale(w, per_channel)
+        # sign(0) is taken as +1 so that exactly two levels exist: 1{w >= 0} * 2 - 1, times E.
+        torch.ge(w, 0, out=out)
+        return out.mul_(2).sub_(1).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (w,) = ctx.saved_tensors
-        return grad * (w.abs() <= 1).to(grad.dtype), None
+        inside = w.abs()
+        torch.le(inside, 1, out=inside)  # 1.0 where |w| <= 1
+        return inside.mul_(grad), None
 
 
 def binary_weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
@@ -91,9 +149,7 @@ def weight_quant(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch
         return w
     if bits == 1:
         return _BinaryWeight.apply(w, per_channel)
-    t = torch.tanh(w)
-    z = t / (2 * _amax(t.abs(), per_channel)) + 0.5
-    return 2 * round_ste(z, bits) - 1
+    return _DorefaWeight.apply(w, bits, per_channel)
 
 
 class _ActQuant(torch.autograd.Function):
@@ -101,13 +157,18 @@ class _ActQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int) -> torch.Tensor:
-        ctx.save_for_backward((x >= 0) & (x <= 1))
-        return quantize_unit(x.clamp(0, 1), bits)
+        levels = (1 << bits) - 1
+        out = x.clamp(0, 1)
+        if ctx.needs_input_grad[0]:
+            # The clamp left x unchanged exactly where 0 <= x <= 1. Kept as uint8: a bool
+            # mask multiplies several times slower on CPU.
+            ctx.save_for_backward(torch.eq(out, x).view(torch.uint8))
+        return out.mul_(levels).round_().div_(levels)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inside,) = ctx.saved_tensors
-        return grad * inside.to(grad.dtype), None
+        return grad * inside, None
 
 
 def act_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -156,7 +217,7 @@ class _AQE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bits, alpha, sample_dims):
         ctx.alpha = alpha
-        ctx.save_for_backward(x.abs() <= 1)
+        ctx.save_for_backward((x.abs() <= 1).view(torch.uint8))  # uint8: see _ActQuant
         hard = aqe_hard(x, bits, sample_dims)
         if alpha == 1.0:
             return hard
@@ -165,7 +226,7 @@ class _AQE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return 2.0 * ctx.alpha * grad * inside.to(grad.dtype), None, None, None
+        return (grad * inside).mul_(2.0 * ctx.alpha), None, None, None
 
 
 def aqe_quant(x: torch.Tensor, bits: int, alpha: float, per_sample: bool = False) -> torch.Tensor:

@@ -17,6 +17,8 @@ checkpoint restores it; parameter names and shapes are exactly those of ``nn.Con
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,6 +76,7 @@ class QuantState:
 
 class _QWeightMixin(QuantState):
     per_channel: bool
+    _fixed_weight: torch.Tensor | None = None  # set only inside ``fixed_quantized_weights``
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False):
@@ -86,6 +89,8 @@ class _QWeightMixin(QuantState):
         return q
 
     def quantized_weight(self) -> torch.Tensor:
+        if self._fixed_weight is not None and not torch.is_grad_enabled():
+            return self._fixed_weight
         bits = self.effective_bits
         if bits == FULL_PRECISION:
             return self.weight
@@ -149,6 +154,26 @@ class QAct(QuantState, nn.Module):
 
     def extra_repr(self) -> str:
         return self._quant_repr()
+
+
+@contextlib.contextmanager
+def fixed_quantized_weights(model: nn.Module):
+    """Quantize every weight of ``model`` once for the whole block instead of at each forward.
+
+    For evaluation, where nothing changes the weights or the precision state between
+    batches (no optimizer step, no loading, no controller event: the block must not contain
+    any). The stored weights are only used while gradients are disabled, so a forward that
+    needs gradients still quantizes on the fly; on exit every layer does again.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _QWeightMixin)]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer._fixed_weight = layer.quantized_weight()
+        yield model
+    finally:
+        for layer in layers:
+            layer._fixed_weight = None
 
 
 def quant_layers(model: nn.Module):

@@ -27,7 +27,7 @@ from distq.data.loaders import epoch_seed
 from distq.dist import TeamModule, build_engine, detect
 from distq.dist.engine import TorchEngine
 from distq.errors import DistqError
-from distq.quant.layers import QAct, quant_layers
+from distq.quant.layers import QAct, fixed_quantized_weights, quant_layers
 from distq.train.checkpoint import atomic_write, find_resume, load_checkpoint, load_weights, save_checkpoint
 from distq.train.metrics import topk_correct
 from distq.train.optim import build_optimizer, param_groups, set_lr
@@ -45,7 +45,7 @@ def evaluate_counts(model: nn.Module, loader, device: torch.device) -> torch.Ten
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_quantized_weights(model):  # the weights are quantized once, not per batch
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = model(images.to(next(model.parameters()).dtype)).float()
