@@ -51,7 +51,7 @@ def evaluate_counts(model: nn.Module, loader, device: torch.device) -> torch.Ten
             logits = model(images.to(next(model.parameters()).dtype)).float()
             hits = topk_correct(logits, labels).double()
             loss = F.cross_entropy(logits, labels, reduction="sum").double()
-            totals += torch.stack([hits[0], hits[1], loss, torch.tensor(float(labels.numel()), device=device, dtype=torch.float64)])
+            totals += torch.stack([hits[0], hits[1], loss, torch.full((), labels.numel(), device=device, dtype=torch.float64)])
     model.train(was_training)
     return totals
 
