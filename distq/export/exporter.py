@@ -1,0 +1,293 @@
+"""Checkpoint -> export file: packed integer weights, scales, folded batch-norm.
+
+One record per module that carries state or quantizes, in module order (the header's
+``layers``):
+
+- quantized conv/linear (``weight_bits`` < 32): the weight as bit-plane-packed codes
+  (``distq.export.codes``), its ``weight_scale``, and the affine ``out_scale``/``out_shift``
+  that the layer's bias and the batch-norm after it fold into, so that
+  ``output = conv(x, weight) * out_scale + out_shift`` per output channel. The integer
+  accumulator of the engine meets floats only there.
+- full-precision conv/linear: float32 ``weight``/``bias`` with the batch-norm folded in.
+- batch-norm: ``folded_into`` its conv, or (where nothing precedes it to fold into) its
+  float parameters.
+- activation: ``bits`` and ``method`` of the QAct (32 for a plain ReLU).
+
+Pooling, dropout, residual adds and the wiring come from the architecture itself, which
+the engine rebuilds from the header's model config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from distq.export.codes import aqe_weight_codes, dorefa_weight_codes
+from distq.export.format import ExportError, ExportFile, pack_planes, write_export
+from distq.quant.functional import FULL_PRECISION
+from distq.quant.layers import QAct, QuantState
+
+DEFAULT_MODEL = "model"
+_STATELESS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity, nn.Flatten, nn.Sequential)
+
+
+@dataclass
+class ExportSummary:
+    """Sizes of an export, in bytes."""
+
+    file_bytes: int
+    quantized_layers: int
+    float_layers: int
+    packed_bytes: int
+    """Packed weight codes of the quantized layers."""
+    packed_float32_bytes: int
+    """The same weights as float32."""
+    ideal_bytes: float
+    """sum(n * bits / 8) over the quantized layers: the packed size with no rounding up."""
+    side_bytes: int
+    """Per-channel floats of the quantized layers (scales, folded batch-norm)."""
+    float_bytes: int
+    """Full-precision layers (weights, biases, unfolded batch-norm)."""
+    model_float32_bytes: int = 0
+    """The model's parameters as float32: what a float export would take."""
+
+    @property
+    def ratio(self) -> float:
+        return self.packed_bytes / max(self.packed_float32_bytes, 1)
+
+    @property
+    def ideal_ratio(self) -> float:
+        return self.ideal_bytes / max(self.packed_float32_bytes, 1)
+
+    def lines(self, path: str) -> list[str]:
+        return [
+            f"exported {path}: {self.file_bytes:,} bytes, {self.file_bytes / max(self.model_float32_bytes, 1):.4f} of the "
+            f"float32 model's {self.model_float32_bytes:,} ({self.quantized_layers} quantized layers, "
+            f"{self.float_layers} full-precision layers)",
+            f"quantized weights: {self.packed_bytes:,} bytes packed vs {self.packed_float32_bytes:,} as float32: "
+            f"ratio {self.ratio:.4f} (bits/32 = {self.ideal_ratio:.4f}, overhead x{self.ratio / max(self.ideal_ratio, 1e-12):.4f})",
+            f"scales and folded batch-norm of quantized layers: {self.side_bytes:,} bytes; "
+            f"full-precision layers: {self.float_bytes:,} bytes",
+        ]
+
+
+# --- from a checkpoint ----------------------------------------------------------------------
+
+
+def export_checkpoint(path: str | Path, out: str | Path, model_name: str | None = None) -> ExportSummary:
+    """Export one model of a training checkpoint to ``out``."""
+    from distq.config import config_from_dict
+    from distq.models.build import build_model
+    from distq.train.checkpoint import load_checkpoint, load_weights
+
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    classes = list(state["classes"])
+    name = _pick_model(state["models"], model_name, path)
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None), cfg.quant, len(classes))
+    # Checkpoints written before quantizer state reached state_dict lack ``_extra_state``;
+    # their bit-widths are the config's, which build_model has already set.
+    load_weights(model, state["models"][name], f"checkpoint {str(path)!r}", allow_missing_quant_state=True)
+    header = {
+        "model": {
+            "arch": cfg.model.arch,
+            "width": cfg.model.width,
+            "small_input": cfg.model.small_input,
+            "num_classes": cfg.model.num_classes or len(classes),
+        },
+        "quant": dataclasses.asdict(cfg.quant),
+        "preprocess": _preprocess(cfg.data),
+        "classes": classes,
+        "source": {"checkpoint": str(path), "model": name, "epoch": state.get("epoch"), "data_root": cfg.data.root},
+    }
+    export, summary = export_model(model, header)
+    summary.file_bytes = write_export(export, out)
+    return summary
+
+
+def _pick_model(models: dict, name: str | None, path) -> str:
+    if name is not None:
+        if name not in models:
+            raise ExportError(f"checkpoint {str(path)!r} has no model {name!r}: choose one of {', '.join(models)}")
+        return name
+    if DEFAULT_MODEL in models:
+        return DEFAULT_MODEL
+    if len(models) == 1:
+        return next(iter(models))
+    raise ExportError(f"checkpoint {str(path)!r} holds models {', '.join(models)}: choose one with --model NAME")
+
+
+def _preprocess(data_cfg) -> dict:
+    from distq.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    return {
+        "image_size": data_cfg.image_size,
+        "val_crop_ratio": data_cfg.val_crop_ratio,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+# --- from a model -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def export_model(model: nn.Module, header: dict) -> tuple[ExportFile, ExportSummary]:
+    """The export file of ``model`` (a distq model with its weights loaded); ``header``
+    supplies model, preprocess and classes."""
+    model = model.eval()
+    folded = conv_bn_pairs(model, header["preprocess"]["image_size"])
+    bn_of = {conv: bn for bn, conv in folded.items()}
+    modules = dict(model.named_modules())
+    layers: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    summary = ExportSummary(0, 0, 0, 0, 0, 0.0, 0, 0, model_float32_bytes=4 * sum(p.numel() for p in model.parameters()))
+    for name, module in modules.items():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            bn = modules[bn_of[name]] if name in bn_of else None
+            record, new = _weight_layer(name, module, bn, bn_of.get(name))
+            _count(summary, record, new)
+        elif isinstance(module, nn.BatchNorm2d):
+            if name in folded:
+                record, new = {"op": "batchnorm", "folded_into": folded[name]}, {}
+            else:
+                record, new = _float_batchnorm(name, module)
+                summary.float_bytes += sum(t.numel() * t.element_size() for t in new.values())
+        elif isinstance(module, QAct):
+            record, new = {"op": "act", "bits": module.bits, "method": module.method}, {}
+        elif isinstance(module, nn.ReLU):
+            record, new = {"op": "act", "bits": FULL_PRECISION, "method": "relu"}, {}
+        elif isinstance(module, _STATELESS) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        else:
+            raise ExportError(
+                f"cannot export module {name!r} of type {type(module).__name__}: the integer engine has no equivalent"
+            )
+        layers[name] = record
+        tensors.update(new)
+    return ExportFile(header={**header, "layers": layers}, tensors=tensors), summary
+
+
+def _count(summary: ExportSummary, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    if record["weight_bits"] == FULL_PRECISION:
+        summary.float_layers += 1
+        summary.float_bytes += sum(nbytes.values())
+        return
+    n = 1
+    for d in record["shape"]:
+        n *= d
+    summary.quantized_layers += 1
+    codes = record["tensors"]["weight_codes"]
+    summary.packed_bytes += nbytes[codes]
+    summary.packed_float32_bytes += 4 * n
+    summary.ideal_bytes += n * record["weight_bits"] / 8
+    summary.side_bytes += sum(v for k, v in nbytes.items() if k != codes)
+
+
+def conv_bn_pairs(model: nn.Module, image_size: int) -> dict[str, str]:
+    """{batch-norm name: conv name} for every BatchNorm2d that reads a conv's output directly.
+
+    Found by running the model once on a blank image and matching tensors, so the pairing
+    follows the real data flow rather than module names. (In the registered architectures a
+    conv's output feeds nothing but its batch-norm, which is what makes folding exact.)
+    """
+    produced: dict[int, tuple[torch.Tensor, str]] = {}
+    pairs: dict[str, str] = {}
+    hooks = []
+
+    def conv_hook(name):
+        def hook(module, inputs, output):
+            produced[id(output)] = (output, name)  # keep the tensor alive so its id stays unique
+
+        return hook
+
+    def bn_hook(name):
+        def hook(module, inputs, output):
+            source = produced.get(id(inputs[0]))
+            if source is not None:
+                pairs[name] = source[1]
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv_hook(name)))
+        elif isinstance(module, nn.BatchNorm2d):
+            hooks.append(module.register_forward_hook(bn_hook(name)))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = list(pairs.values())
+    return {bn: conv for bn, conv in pairs.items() if convs.count(conv) == 1}
+
+
+def _bn_affine(bn: nn.BatchNorm2d | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, h) in float64 with bn(z) = z * g + h; identity when there is no batch-norm."""
+    if bn is None:
+        return torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    if bn.running_mean is None:
+        raise ExportError("cannot fold a batch-norm without running statistics (track_running_stats=False)")
+    g = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        g = g * bn.weight.double()
+    h = -bn.running_mean.double() * g
+    if bn.bias is not None:
+        h = h + bn.bias.double()
+    return g, h
+
+
+def _geometry(module: nn.Module) -> dict:
+    if isinstance(module, nn.Linear):
+        return {"op": "linear", "shape": list(module.weight.shape)}
+    if module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ExportError(
+            f"cannot export conv with groups={module.groups}, dilation={module.dilation}, padding={module.padding!r}, "
+            f"padding_mode={module.padding_mode!r}: the integer engine supports groups=1, dilation=1, numeric zero padding"
+        )
+    return {"op": "conv", "shape": list(module.weight.shape), "stride": list(module.stride), "padding": list(module.padding)}
+
+
+def _weight_layer(name: str, module: nn.Module, bn: nn.BatchNorm2d | None, bn_name: str | None) -> tuple[dict, dict]:
+    record = {**_geometry(module), "batchnorm": bn_name}
+    out_channels = module.weight.shape[0]
+    g, h = _bn_affine(bn, out_channels)
+    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
+    bits = module.bits if isinstance(module, QuantState) else FULL_PRECISION
+    if bits == FULL_PRECISION:
+        shape = (-1,) + (1,) * (module.weight.dim() - 1)
+        tensors = {
+            f"{name}.weight": (module.weight.detach().double() * g.view(shape)).float(),
+            f"{name}.bias": (bias * g + h).float(),
+        }
+        record.update(weight_bits=FULL_PRECISION, tensors={"weight": f"{name}.weight", "bias": f"{name}.bias"})
+        return record, tensors
+    weight = module.weight.detach()
+    if module.method == "aqe":
+        codes, scale = aqe_weight_codes(weight, bits)
+    else:
+        codes, scale = dorefa_weight_codes(weight, bits, module.per_channel)
+    names = {k: f"{name}.{k}" for k in ("weight_codes", "weight_scale", "out_scale", "out_shift")}
+    # Scales in float64: the integer accumulator is exact, so the affine is the only
+    # rounding between it and the next quantizer (1/3 in float32 is off by 3e-8).
+    tensors = {
+        names["weight_codes"]: pack_planes(codes, bits),
+        names["weight_scale"]: scale.double(),
+        names["out_scale"]: g,
+        names["out_shift"]: bias * g + h,
+    }
+    record.update(weight_bits=bits, method=module.method, per_channel=bool(getattr(module, "per_channel", False)), tensors=names)
+    return record, tensors
+
+
+def _float_batchnorm(name: str, bn: nn.BatchNorm2d) -> tuple[dict, dict]:
+    g, h = _bn_affine(bn, bn.num_features)
+    tensors = {f"{name}.scale": g.float(), f"{name}.shift": h.float()}
+    return {"op": "batchnorm", "folded_into": None, "tensors": {"scale": f"{name}.scale", "shift": f"{name}.shift"}}, tensors

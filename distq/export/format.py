@@ -1,0 +1,187 @@
+"""The export file: a safetensors file whose metadata holds a JSON header.
+
+Layout (all of it standard safetensors, so any safetensors reader can list the tensors)::
+
+    8 bytes   little-endian length N of the safetensors header
+    N bytes   safetensors JSON header: tensor names, dtypes, shapes, byte offsets, and
+              "__metadata__": {"distq": "<JSON header below>"}
+    ...       tensor data
+
+The distq header says everything needed to run the model without its training config::
+
+    format      "distq.export"
+    version     FORMAT_VERSION; a reader refuses files newer than itself
+    model       the model config (arch, width, small_input, num_classes)
+    quant       the quantizer config the model was trained with (for the record)
+    preprocess  image_size, val_crop_ratio, mean, std of the validation transform
+    classes     class names, in logit order
+    layers      {module name: record} in module order (see distq.export.exporter)
+    sha256      digest of every tensor's bytes in name order: catches corrupted data,
+                which the safetensors header alone cannot
+
+Quantized weights are stored as bit planes (``pack_planes``): plane j holds bit j of every
+code of the flattened tensor, eight codes per byte, so a k-bit tensor of n weights takes
+k * ceil(n / 8) bytes, k/32 of its float32 size up to the last byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distq.errors import DistqError
+
+FORMAT = "distq.export"
+FORMAT_VERSION = 1
+METADATA_KEY = "distq"
+_BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+class ExportError(DistqError):
+    """An export file is missing, corrupt, truncated, or from a newer distq."""
+
+
+@dataclass
+class ExportFile:
+    """An export file in memory: the distq header and the named tensors."""
+
+    header: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise ExportError(f"export file is corrupt: tensor {name!r} named by its header is missing")
+        return self.tensors[name]
+
+
+# --- bit-plane storage --------------------------------------------------------------------
+
+
+def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit codes (any shape) -> uint8 tensor (bits, ceil(n / 8)).
+
+    Bit i of byte b of plane j is bit j of code 8b + i of the flattened tensor.
+    """
+    flat = codes.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    n = flat.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8)
+    padded[:n] = flat
+    groups = padded.view(-1, 8)  # uint8 throughout: a byte per code, whatever the layer's size
+    return torch.stack([(((groups >> j) & 1) * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8) for j in range(bits)])
+
+
+def unpack_planes(planes: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``pack_planes``: uint8 (bits, nbytes) -> uint8 codes of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= d
+    if planes.dtype != torch.uint8 or tuple(planes.shape) != (bits, -(-n // 8)):
+        raise ExportError(
+            f"export file is corrupt: packed weights have shape {tuple(planes.shape)} {planes.dtype}, "
+            f"expected ({bits}, {-(-n // 8)}) uint8 for {bits}-bit codes of shape {tuple(shape)}"
+        )
+    codes = torch.zeros(planes.shape[1] * 8, dtype=torch.uint8)
+    for j in range(bits):
+        codes |= ((planes[j].unsqueeze(-1) >> _SHIFTS) & 1).reshape(-1) << j
+    return codes[:n].reshape(shape)
+
+
+# --- the file -----------------------------------------------------------------------------
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def to_bytes(export: ExportFile) -> bytes:
+    from safetensors.torch import save
+
+    header = {**export.header, "format": FORMAT, "version": FORMAT_VERSION, "sha256": tensor_digest(export.tensors)}
+    tensors = {name: t.contiguous() for name, t in export.tensors.items()}
+    return save(tensors, metadata={METADATA_KEY: json.dumps(header)})
+
+
+def write_export(export: ExportFile, path: str | Path) -> int:
+    """Write ``export`` atomically to ``path``; returns the file size in bytes."""
+    from distq.train.checkpoint import atomic_write
+
+    data = to_bytes(export)
+    atomic_write(Path(path), lambda f: f.write(data))
+    return len(data)
+
+
+def read_export(path: str | Path) -> ExportFile:
+    """Read and validate an export file; every problem is an ``ExportError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"export file {str(path)!r} not found: write one with 'distq export CHECKPOINT --out FILE'")
+    return from_bytes(path.read_bytes(), str(path))
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> ExportFile:
+    what = f"export file {source!r}"
+    header_json, data_start = _safetensors_header(data, what)
+    meta = header_json.get("__metadata__") or {}
+    if not isinstance(meta, dict) or METADATA_KEY not in meta:
+        raise ExportError(
+            f"{what} is not a distq export (a safetensors file without a distq header): write one with 'distq export'"
+        )
+    try:
+        header = json.loads(meta[METADATA_KEY])
+    except (TypeError, json.JSONDecodeError):
+        raise ExportError(f"{what} is corrupt: its distq header is not valid JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ExportError(f"{what} is not a distq export (format {header.get('format') if isinstance(header, dict) else None!r})")
+    version = header.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ExportError(f"{what} is corrupt: format version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise ExportError(
+            f"{what} has format version {version}, newer than this distq reads ({FORMAT_VERSION}): upgrade distq to load it"
+        )
+    end = max((v["data_offsets"][1] for k, v in header_json.items() if k != "__metadata__"), default=0)
+    if len(data) - data_start < end:
+        raise ExportError(f"{what} is truncated: its tensors need {data_start + end} bytes but the file has {len(data)}")
+    try:
+        from safetensors.torch import load
+
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError and others for bad bytes
+        raise ExportError(f"{what} is corrupt: safetensors cannot read its tensors ({str(exc).splitlines()[0]})") from None
+    if tensor_digest(tensors) != header.get("sha256"):
+        raise ExportError(f"{what} is corrupt: its tensor data does not match the checksum in its header")
+    return ExportFile(header=header, tensors=tensors)
+
+
+def _safetensors_header(data: bytes, what: str) -> tuple[dict, int]:
+    """Parse the safetensors JSON header ourselves, to say precisely what is wrong."""
+    if len(data) < 8:
+        raise ExportError(f"{what} is truncated or not a distq export: {len(data)} bytes, shorter than a safetensors header")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise ExportError(
+            f"{what} is truncated or not a distq export: its header claims {size} bytes but the file has {len(data)}"
+        )
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ExportError(f"{what} is corrupt or not a distq export: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+        for k, v in header.items()
+        if k != "__metadata__"
+    ):
+        raise ExportError(f"{what} is corrupt or not a distq export: its safetensors header is malformed")
+    return header, 8 + size

@@ -1,0 +1,140 @@
+"""The network executor: an export file -> a runnable integer model.
+
+The architecture is rebuilt from the header's model config with the model registry (the
+one definition of each network's wiring: residual adds, pooling, flatten), and every
+module the header describes is swapped for its engine counterpart:
+
+    quantized conv/linear  -> BitConv2d / BitLinear (packed integer weights, bit kernels)
+    QAct                   -> IntAct (integer activations)
+    full-precision layer   -> float nn.Conv2d / nn.Linear with the batch-norm folded in
+    folded batch-norm      -> nn.Identity
+    max-pool               -> CodedMaxPool2d (keeps integer activations integer)
+
+Float parts run in ``dtype`` (float32; float64 makes them exact enough to compare the
+integer path with a float64 fake-quantized model code for code).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from distq.export.codes import weight_integers
+from distq.export.format import ExportError, ExportFile, read_export, unpack_planes
+from distq.infer.layers import BitConv2d, BitLinear, ChannelAffine, CodedMaxPool2d, IntAct
+from distq.quant.functional import FULL_PRECISION, VALID_BITS
+
+
+class IntegerModel(nn.Module):
+    """An exported model ready to run: ``model(images)`` -> float32 logits."""
+
+    def __init__(self, net: nn.Module, header: dict, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.header, self.dtype = net, header, dtype
+        self.classes: list[str] = list(header["classes"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.net(images.to(self.dtype)).float()
+
+    def layer_modes(self) -> dict[str, dict[str, int]]:
+        """{quantized layer: {"bit": calls, "float": calls}}: which path each layer took."""
+        return {name: dict(m.calls) for name, m in self.net.named_modules() if isinstance(m, (BitConv2d, BitLinear))}
+
+
+def load_engine(path: str | Path, dtype: torch.dtype = torch.float32) -> IntegerModel:
+    return build_engine(read_export(path), dtype, source=str(path))
+
+
+def build_engine(export: ExportFile, dtype: torch.dtype = torch.float32, source: str = "<export>") -> IntegerModel:
+    what = f"export file {source!r}"
+    try:
+        net = _rebuild(export, dtype, what)
+    except ExportError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise ExportError(
+            f"{what} is corrupt: its header does not describe a runnable model ({type(exc).__name__}: {exc})"
+        ) from None
+    return IntegerModel(net.eval(), export.header, dtype)
+
+
+def _rebuild(export: ExportFile, dtype: torch.dtype, what: str) -> nn.Module:
+    from distq.models.registry import build_float_model, model_names
+
+    model = export.header["model"]
+    if model["arch"] not in model_names():
+        raise ExportError(
+            f"{what} is for architecture {model['arch']!r}, which this distq does not know ({', '.join(model_names())})"
+        )
+    net = build_float_model(model["arch"], int(model["num_classes"]), int(model["width"]), bool(model["small_input"]))
+    modules = dict(net.named_modules())
+    layers = export.header["layers"]
+    for name, record in layers.items():
+        if name not in modules:
+            raise ExportError(f"{what} does not match architecture {model['arch']!r}: it has no layer {name!r}")
+        _set_module(net, name, _engine_module(name, record, modules[name], export, dtype, what))
+    stateful = [n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False)) and n not in layers]
+    if stateful:
+        raise ExportError(f"{what} is incomplete: no record for layer(s) {', '.join(stateful[:3])}")
+    for name, module in list(net.named_modules()):
+        if type(module) is nn.MaxPool2d:
+            pool = CodedMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
+            _set_module(net, name, pool)
+    return net
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _engine_module(name: str, record: dict, original: nn.Module, export: ExportFile, dtype, what: str) -> nn.Module:
+    op = record["op"]
+    if op == "act":
+        bits = int(record["bits"])
+        if bits not in VALID_BITS:
+            raise ExportError(f"{what} is corrupt: layer {name!r} has activation bits {bits}")
+        return nn.ReLU() if bits == FULL_PRECISION else IntAct(bits, record["method"])
+    if op == "batchnorm":
+        if record["folded_into"] is not None:
+            return nn.Identity()
+        tensors = record["tensors"]
+        return ChannelAffine(export.tensor(tensors["scale"]).to(dtype), export.tensor(tensors["shift"]).to(dtype))
+    if op not in ("conv", "linear"):
+        raise ExportError(f"{what} is corrupt: layer {name!r} has unknown op {op!r}")
+    kind = nn.Conv2d if op == "conv" else nn.Linear
+    shape = tuple(record["shape"])
+    if not isinstance(original, kind) or tuple(original.weight.shape) != shape:
+        raise ExportError(f"{what} does not match its architecture: layer {name!r} is {op} {shape} in the file")
+    tensors = record["tensors"]
+    bits = int(record["weight_bits"])
+    if bits == FULL_PRECISION:
+        return _float_layer(original, export.tensor(tensors["weight"]), export.tensor(tensors["bias"]), dtype)
+    if bits not in VALID_BITS:
+        raise ExportError(f"{what} is corrupt: layer {name!r} has weight bits {bits}")
+    codes = unpack_planes(export.tensor(tensors["weight_codes"]), bits, shape)
+    ints = weight_integers(codes, bits, record["method"])
+    args = (
+        ints,
+        bits,
+        record["method"],
+        export.tensor(tensors["weight_scale"]),
+        export.tensor(tensors["out_scale"]),
+        export.tensor(tensors["out_shift"]),
+        dtype,
+    )
+    return BitConv2d(original, *args) if op == "conv" else BitLinear(*args)
+
+
+def _float_layer(original: nn.Module, weight: torch.Tensor, bias: torch.Tensor, dtype) -> nn.Module:
+    if isinstance(original, nn.Conv2d):
+        layer = nn.Conv2d(original.in_channels, original.out_channels, original.kernel_size, original.stride, original.padding)
+    else:
+        layer = nn.Linear(original.in_features, original.out_features)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer.to(dtype)

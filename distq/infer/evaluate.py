@@ -1,0 +1,80 @@
+"""Run the integer engine on data: the validation split (``distq eval --engine int``) and
+single images (``distq predict``). Preprocessing comes from the export file's header."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+from torch.utils.data import DataLoader
+
+from distq.errors import DistqError
+from distq.infer.engine import IntegerModel, load_engine
+
+EVAL_BATCH_SIZE = 64
+EVAL_WORKERS = 2
+
+
+def val_transform(preprocess: dict) -> T.Compose:
+    """The validation transform the model was trained with, from the header alone."""
+    from distq.data.transforms import val_resize_size
+
+    size = int(preprocess["image_size"])
+    return T.Compose(
+        [
+            T.Resize(val_resize_size(size, float(preprocess["val_crop_ratio"]))),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(preprocess["mean"], preprocess["std"]),
+        ]
+    )
+
+
+def evaluate_export(path: str, data_root: str | None = None) -> dict:
+    """Top-1/top-5 (percent) of the integer engine on ``data_root``'s val split (default:
+    the dataset the model was trained on)."""
+    from distq.data import class_names, ensure_digits, image_folder
+    from distq.train.metrics import topk_correct
+
+    engine = load_engine(path)
+    root = Path(data_root or engine.header.get("source", {}).get("data_root") or ensure_digits())
+    classes = class_names(root)
+    if classes != engine.classes:
+        raise DistqError(
+            f"dataset {str(root)!r} has classes {classes[:3]}... but export file {path!r} was trained on "
+            f"{engine.classes[:3]}...: evaluate on a dataset with the same class folders"
+        )
+    loader = DataLoader(
+        image_folder(root, "val", val_transform(engine.header["preprocess"])),
+        batch_size=EVAL_BATCH_SIZE,
+        num_workers=EVAL_WORKERS,
+    )
+    counts, seen = torch.zeros(2, dtype=torch.long), 0
+    for images, labels in loader:
+        counts += topk_correct(engine(images), labels)
+        seen += labels.numel()
+    if seen == 0:
+        raise DistqError(f"the validation split of {str(root)!r} is empty: put images in ROOT/val/<class>/")
+    return {
+        "engine": "int",
+        "val/top1": 100.0 * counts[0].item() / seen,
+        "val/top5": 100.0 * counts[1].item() / seen,
+        "images": seen,
+    }
+
+
+def predict(engine: IntegerModel, image_paths: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-``k`` (class name, probability) for each image."""
+    from distq.data.folder import load_rgb
+
+    transform = val_transform(engine.header["preprocess"])
+    missing = [p for p in image_paths if not Path(p).is_file()]
+    if missing:
+        raise DistqError(f"image file {missing[0]!r} not found")
+    batch = torch.stack([transform(load_rgb(p)) for p in image_paths])
+    probs = torch.softmax(engine(batch), dim=1)
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [
+        [(engine.classes[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist())] for ps, idx in zip(top.values, top.indices)
+    ]

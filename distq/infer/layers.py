@@ -1,0 +1,189 @@
+"""The integer engine's layers: activations as integers, convs and linears as bit operations.
+
+A quantized activation travels as a ``CodedActivation``: a float tensor (its exact value,
+which residual adds, pooling and float layers use as is) carrying the integers behind it
+(``ints``, with ``value = ints * scale``) and how those integers split into bit planes
+(``code``). A ``BitConv2d``/``BitLinear`` that receives one computes its integer dot
+products with ``distq.infer.bitops`` and meets floats only once, in the per-channel affine
+that holds the activation scale, the weight scale and the folded batch-norm::
+
+    y = acc * (act_scale * weight_scale * out_scale) + out_shift
+
+A quantized layer that receives a plain float tensor (AlexNet's first classifier layer
+reads the full-precision final features) multiplies by its integer weights in float.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distq.export.codes import aqe_exponent, levels
+from distq.export.format import ExportError
+from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chunks, pack_weight
+from distq.quant.functional import aqe_hard
+
+MAX_AQE_BITS = 5
+"""AQE n bits has levels down to 2^-(2^(n-1)-2); past 5 bits its integers outgrow int64 sums."""
+
+
+class CodedActivation(torch.Tensor):
+    """A quantized activation's float value with its integers attached (``ints``, ``code``,
+    ``scale``). Any torch op on it returns a plain tensor, so the integers can never go
+    stale: only the engine's layers read them, straight from a QAct's output."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    ints: torch.Tensor
+    code: PlaneCode
+    scale: float
+
+
+def coded(values: torch.Tensor, ints: torch.Tensor, code: PlaneCode, scale: float) -> CodedActivation:
+    out = values.as_subclass(CodedActivation)
+    out.ints, out.code, out.scale = ints, code, scale
+    return out
+
+
+class IntAct(nn.Module):
+    """The QAct of an exported model, producing integers.
+
+    DoReFa k bits: ints = round(clamp(x, 0, 1) * (2^k - 1)), the expression of
+    ``distq.quant.functional.quantize_unit``. AQE: the hard quantizer h itself
+    (``aqe_hard``, per-sample ternary threshold as in QAct), times 2^P.
+    """
+
+    def __init__(self, bits: int, method: str):
+        super().__init__()
+        if method == "aqe" and bits > MAX_AQE_BITS:
+            raise ExportError(f"the integer engine runs AQE activations of 1..{MAX_AQE_BITS} bits, not {bits}")
+        self.bits, self.method = bits, method
+
+    def forward(self, x: torch.Tensor) -> CodedActivation:
+        x = x.as_subclass(torch.Tensor)
+        if self.method == "dorefa":
+            n = levels(self.bits)
+            ints = torch.round(x.clamp(0, 1) * n).to(torch.uint8)
+            return coded(ints.to(x.dtype) / n, ints, PlaneCode("unsigned", self.bits), 1.0 / n)
+        hard = aqe_hard(x, self.bits, tuple(range(1, x.dim())))
+        p = aqe_exponent(self.bits)
+        # int8 while the two's complement code fits a byte: the fast byte-parallel packing.
+        ints = torch.round(hard * 2.0**p).to(torch.int8 if p + 2 <= 8 else torch.int16)
+        code = PlaneCode("sign", 1) if self.bits == 1 else PlaneCode("twos", p + 2)
+        return coded(hard, ints, code, 2.0**-p)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, method={self.method}"
+
+
+class _BitLayer(nn.Module):
+    """Shared by BitConv2d and BitLinear: packed weights, the affine, the two input paths."""
+
+    def __init__(self, ints: torch.Tensor, bits: int, method: str, weight_scale, out_scale, out_shift, dtype):
+        super().__init__()
+        if method == "aqe" and bits > MAX_AQE_BITS:
+            raise ExportError(f"the integer engine runs AQE weights of 1..{MAX_AQE_BITS} bits, not {bits}")
+        self.bits, self.method = bits, method
+        rows = conv_weight_rows(ints) if ints.dim() == 4 else ints  # the reduction order of im2col
+        # DoReFa and +-1 weights are 2q - L: pack q and add the constant; AQE n >= 2: two's complement.
+        self.packed = pack_weight(rows, bits if method == "dorefa" or bits == 1 else None)
+        weight_scale, out_scale = weight_scale.double(), out_scale.double()
+        self.acc_scale = weight_scale * out_scale  # float64: the accumulator may exceed float32's 2^24
+        self.out_shift = out_shift.double()
+        self.weight_scale, self.dtype = weight_scale, dtype
+        self.out_scale_f, self.out_shift_f = out_scale.to(dtype), out_shift.to(dtype)
+        self._float_weight: torch.Tensor | None = None
+        self.calls = {"bit": 0, "float": 0}
+
+    def float_weight(self) -> torch.Tensor:
+        """The dequantized weight, for float inputs only; made on first use so that an
+        engine whose layers all get integers holds no float copy of its weights."""
+        if self._float_weight is None:
+            ints = self._weight_shape(self.packed.integers())
+            self._float_weight = (ints.double() * self.weight_scale.view((-1,) + (1,) * (ints.dim() - 1))).to(self.dtype)
+        return self._float_weight
+
+    def _weight_shape(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def _bit_forward(self, ints: torch.Tensor, x: CodedActivation) -> torch.Tensor:
+        """(R, K) activation integers -> (R, out) floats: bit-op dot products, then the
+        affine in float64 (the accumulator may exceed float32's 2^24), chunk by chunk."""
+        self.calls["bit"] += 1
+        scale = x.scale * self.acc_scale
+        y = torch.empty(ints.shape[0], self.packed.out_features, dtype=x.dtype)
+        for rows, acc in int_dot_chunks(ints, x.code, self.packed):
+            y[rows] = acc.double().mul_(scale).add_(self.out_shift)
+        return y
+
+    def _float_affine(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        shape = [1] * y.dim()
+        shape[channel_dim] = -1
+        return y * self.out_scale_f.view(shape) + self.out_shift_f.view(shape)
+
+
+class BitConv2d(_BitLayer):
+    def __init__(self, conv: nn.Conv2d, ints, bits, method, weight_scale, out_scale, out_shift, dtype=torch.float32):
+        super().__init__(ints, bits, method, weight_scale, out_scale, out_shift, dtype)
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+
+    def _weight_shape(self, rows: torch.Tensor) -> torch.Tensor:
+        """(out, kh * kw * C) rows -> (out, C, kh, kw), undoing ``conv_weight_rows``."""
+        kh, kw = self.kernel_size
+        return rows.view(rows.shape[0], kh, kw, -1).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, CodedActivation):
+            self.calls["float"] += 1
+            y = F.conv2d(x, self.float_weight(), None, self.stride, self.padding)
+            return self._float_affine(y, 1)
+        patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
+        y = self._bit_forward(patches, x)  # (N * OH * OW, out)
+        # NCHW view of channels-last memory: the next im2col reads it without a transpose.
+        return y.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"out={self.packed.out_features}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}, bits={self.bits}"
+
+
+class BitLinear(_BitLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, CodedActivation):
+            self.calls["float"] += 1
+            return self._float_affine(F.linear(x, self.float_weight()), -1)
+        return self._bit_forward(x.ints.reshape(-1, x.shape[-1]), x).view(*x.shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return f"out={self.packed.out_features}, bits={self.bits}"
+
+
+class CodedMaxPool2d(nn.MaxPool2d):
+    """Max pooling that keeps a quantized activation's integers: the quantizers are
+    monotone, so the max of the values is the value of the max integer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, CodedActivation):
+            return super().forward(x)
+        y, idx = F.max_pool2d(
+            x.as_subclass(torch.Tensor),
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.ceil_mode,
+            return_indices=True,
+        )
+        ints = x.ints.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+        return coded(y, ints, x.code, x.scale)
+
+
+class ChannelAffine(nn.Module):
+    """A batch-norm that had no conv to fold into: y = x * scale + shift per channel."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.view(shape) + self.shift.view(shape)
