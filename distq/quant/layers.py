@@ -169,7 +169,9 @@ def fixed_quantized_weights(model: nn.Module):
     try:
         with torch.no_grad():
             for layer in layers:
-                layer._fixed_weight = layer.quantized_weight()
+                # detach(): at full precision quantized_weight() is the weight Parameter itself,
+                # which nn.Module.__setattr__ would try to register as a new parameter.
+                layer._fixed_weight = layer.quantized_weight().detach()
         yield model
     finally:
         for layer in layers:
