@@ -8,7 +8,9 @@ One record per module that carries state or quantizes, in module order (the head
   that the layer's bias and the batch-norm after it fold into, so that
   ``output = conv(x, weight) * out_scale + out_shift`` per output channel. The integer
   accumulator of the engine meets floats only there.
-- full-precision conv/linear: float32 ``weight``/``bias`` with the batch-norm folded in.
+- full-precision conv/linear: its float32 ``weight`` as trained, with the same affine
+  ``out_scale``/``out_shift`` holding its bias and batch-norm. (Folding the batch-norm into
+  the affine rather than the weight keeps the weight exact: w * g rounds in float32.)
 - batch-norm: ``folded_into`` its conv, or (where nothing precedes it to fold into) its
   float parameters.
 - activation: ``bits`` and ``method`` of the QAct (32 for a plain ReLU).
@@ -262,12 +264,9 @@ def _weight_layer(name: str, module: nn.Module, bn: nn.BatchNorm2d | None, bn_na
     bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
     bits = module.bits if isinstance(module, QuantState) else FULL_PRECISION
     if bits == FULL_PRECISION:
-        shape = (-1,) + (1,) * (module.weight.dim() - 1)
-        tensors = {
-            f"{name}.weight": (module.weight.detach().double() * g.view(shape)).float(),
-            f"{name}.bias": (bias * g + h).float(),
-        }
-        record.update(weight_bits=FULL_PRECISION, tensors={"weight": f"{name}.weight", "bias": f"{name}.bias"})
+        names = {k: f"{name}.{k}" for k in ("weight", "out_scale", "out_shift")}
+        tensors = {names["weight"]: module.weight.detach().float(), names["out_scale"]: g, names["out_shift"]: bias * g + h}
+        record.update(weight_bits=FULL_PRECISION, tensors=names)
         return record, tensors
     weight = module.weight.detach()
     if module.method == "aqe":

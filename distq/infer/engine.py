@@ -6,7 +6,7 @@ module the header describes is swapped for its engine counterpart:
 
     quantized conv/linear  -> BitConv2d / BitLinear (packed integer weights, bit kernels)
     QAct                   -> IntAct (integer activations)
-    full-precision layer   -> float nn.Conv2d / nn.Linear with the batch-norm folded in
+    full-precision layer   -> FloatLayer (float conv/linear, bias and batch-norm as its affine)
     folded batch-norm      -> nn.Identity
     max-pool               -> CodedMaxPool2d (keeps integer activations integer)
 
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from distq.export.codes import weight_integers
 from distq.export.format import ExportError, ExportFile, read_export, unpack_planes
-from distq.infer.layers import BitConv2d, BitLinear, ChannelAffine, CodedMaxPool2d, IntAct
+from distq.infer.layers import BitConv2d, BitLinear, ChannelAffine, CodedMaxPool2d, FloatLayer, IntAct
 from distq.quant.functional import FULL_PRECISION, VALID_BITS
 
 
@@ -112,7 +112,7 @@ def _engine_module(name: str, record: dict, original: nn.Module, export: ExportF
     tensors = record["tensors"]
     bits = int(record["weight_bits"])
     if bits == FULL_PRECISION:
-        return _float_layer(original, export.tensor(tensors["weight"]), export.tensor(tensors["bias"]), dtype)
+        return FloatLayer(original, *(export.tensor(tensors[k]) for k in ("weight", "out_scale", "out_shift")), dtype)
     if bits not in VALID_BITS:
         raise ExportError(f"{what} is corrupt: layer {name!r} has weight bits {bits}")
     codes = unpack_planes(export.tensor(tensors["weight_codes"]), bits, shape)
@@ -127,14 +127,3 @@ def _engine_module(name: str, record: dict, original: nn.Module, export: ExportF
         dtype,
     )
     return BitConv2d(original, *args) if op == "conv" else BitLinear(*args)
-
-
-def _float_layer(original: nn.Module, weight: torch.Tensor, bias: torch.Tensor, dtype) -> nn.Module:
-    if isinstance(original, nn.Conv2d):
-        layer = nn.Conv2d(original.in_channels, original.out_channels, original.kernel_size, original.stride, original.padding)
-    else:
-        layer = nn.Linear(original.in_features, original.out_features)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
-    return layer.to(dtype)

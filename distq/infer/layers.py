@@ -117,9 +117,14 @@ class _BitLayer(nn.Module):
         return y
 
     def _float_affine(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        shape = [1] * y.dim()
-        shape[channel_dim] = -1
-        return y * self.out_scale_f.view(shape) + self.out_shift_f.view(shape)
+        return channel_affine(y, self.out_scale_f, self.out_shift_f, channel_dim)
+
+
+def channel_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """y * scale + shift with one value per channel (dimension ``channel_dim``)."""
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    return y * scale.view(shape) + shift.view(shape)
 
 
 class BitConv2d(_BitLayer):
@@ -177,6 +182,27 @@ class CodedMaxPool2d(nn.MaxPool2d):
         return coded(y, ints, x.code, x.scale)
 
 
+class FloatLayer(nn.Module):
+    """A full-precision conv or linear with its bias and batch-norm folded into a
+    per-channel affine: y = op(x, weight) * out_scale + out_shift."""
+
+    def __init__(self, original: nn.Module, weight: torch.Tensor, out_scale: torch.Tensor, out_shift: torch.Tensor, dtype):
+        super().__init__()
+        self.weight, self.out_scale, self.out_shift = weight.to(dtype), out_scale.to(dtype), out_shift.to(dtype)
+        self.conv = isinstance(original, nn.Conv2d)
+        if self.conv:
+            self.stride, self.padding = original.stride, original.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.as_subclass(torch.Tensor)
+        if self.conv:
+            return channel_affine(F.conv2d(x, self.weight, None, self.stride, self.padding), self.out_scale, self.out_shift, 1)
+        return channel_affine(F.linear(x, self.weight), self.out_scale, self.out_shift, -1)
+
+    def extra_repr(self) -> str:
+        return f"{'conv' if self.conv else 'linear'} {tuple(self.weight.shape)}"
+
+
 class ChannelAffine(nn.Module):
     """A batch-norm that had no conv to fold into: y = x * scale + shift per channel."""
 
@@ -185,5 +211,4 @@ class ChannelAffine(nn.Module):
         self.scale, self.shift = scale, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale.view(shape) + self.shift.view(shape)
+        return channel_affine(x, self.scale, self.shift, 1)

@@ -80,13 +80,15 @@ def test_every_batchnorm_is_folded_and_float_layers_stay_float():
     assert layers["layer4.1.act_out"]["bits"] == 32  # feeds the final pooling: full precision
 
 
-def test_folded_float_conv_equals_conv_then_batchnorm():
+def test_float_conv_keeps_its_weight_and_folds_batchnorm_into_its_affine():
     model = _model(4, 4)
     export, _ = export_model(model, HEADER)
+    assert torch.equal(export.tensors["conv1.weight"], model.conv1.weight)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     expected = model.double().bn1(model.conv1(x))
-    got = nn.functional.conv2d(x, export.tensors["conv1.weight"].double(), export.tensors["conv1.bias"].double(), padding=1)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    y = nn.functional.conv2d(x, export.tensors["conv1.weight"].double(), padding=1)
+    got = y * export.tensors["conv1.out_scale"].view(1, -1, 1, 1) + export.tensors["conv1.out_shift"].view(1, -1, 1, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_packed_codes_and_affine_reproduce_the_quantized_conv_and_batchnorm():
@@ -105,7 +107,7 @@ def test_packed_codes_and_affine_reproduce_the_quantized_conv_and_batchnorm():
     got = y * export.tensors[names["out_scale"]].double().view(1, -1, 1, 1) + export.tensors[names["out_shift"]].double().view(
         1, -1, 1, 1
     )
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_conv_bn_pairs_follow_the_data_flow():
