@@ -56,6 +56,8 @@ class ExportSummary:
     """Full-precision layers (weights, biases, unfolded batch-norm)."""
     model_float32_bytes: int = 0
     """The model's parameters as float32: what a float export would take."""
+    aqe_soft_layers: int = 0
+    """AQE layers whose alpha is below 1: the export keeps only their hard quantizer."""
 
     @property
     def ratio(self) -> float:
@@ -74,7 +76,15 @@ class ExportSummary:
             f"ratio {self.ratio:.4f} (bits/32 = {self.ideal_ratio:.4f}, overhead x{self.ratio / max(self.ideal_ratio, 1e-12):.4f})",
             f"scales and folded batch-norm of quantized layers: {self.side_bytes:,} bytes; "
             f"full-precision layers: {self.float_bytes:,} bytes",
-        ]
+        ] + (
+            [
+                f"warning: {self.aqe_soft_layers} AQE layers end training with alpha < 1; the export (like any inference) "
+                "uses only the hard quantizer, which this model was not trained to end at: train with an AQE alpha "
+                "schedule (precision.aqe) so that alpha reaches 1"
+            ]
+            if self.aqe_soft_layers
+            else []
+        )
 
 
 # --- from a checkpoint ----------------------------------------------------------------------
@@ -169,6 +179,8 @@ def export_model(model: nn.Module, header: dict) -> tuple[ExportFile, ExportSumm
             raise ExportError(
                 f"cannot export module {name!r} of type {type(module).__name__}: the integer engine has no equivalent"
             )
+        if isinstance(module, QuantState) and module.method == "aqe" and module.bits != FULL_PRECISION and module.alpha < 1:
+            summary.aqe_soft_layers += 1
         layers[name] = record
         tensors.update(new)
     return ExportFile(header={**header, "layers": layers}, tensors=tensors), summary

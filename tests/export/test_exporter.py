@@ -110,6 +110,18 @@ def test_packed_codes_and_affine_reproduce_the_quantized_conv_and_batchnorm():
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_aqe_layers_short_of_alpha_1_are_flagged():
+    model = _model(2, 2, method="aqe")
+    _, summary = export_model(model, HEADER)
+    assert summary.aqe_soft_layers == 35  # 19 layers + 16 activations at the default alpha 0.5
+    assert "warning: 35 AQE layers end training with alpha < 1" in summary.lines("x")[-1]
+    for m in model.modules():
+        if hasattr(m, "alpha"):
+            m.alpha = 1.0
+    _, summary = export_model(model, HEADER)
+    assert summary.aqe_soft_layers == 0 and not any("warning" in line for line in summary.lines("x"))
+
+
 def test_conv_bn_pairs_follow_the_data_flow():
     pairs = conv_bn_pairs(_model(2, 2, small_input=False), 64)
     assert pairs["bn1"] == "conv1"

@@ -68,3 +68,11 @@ def test_eval_int_on_a_checkpoint_says_it_is_not_an_export(tiny_run, capsys):
     assert main(["eval", "--engine", "int", str(checkpoint)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and f"export file '{checkpoint}' is truncated or not a distq export" in err[0]
+
+
+def test_eval_int_on_a_dataset_with_other_classes_is_one_error_line(exported, make_image_folder, tmp_path, capsys):
+    root = make_image_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=2)
+    assert main(["eval", "--engine", "int", str(exported), "--data", str(root)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"dataset '{root}' has classes ['cat', 'dog']..." in err[0]
+    assert "evaluate on a dataset with the same class folders" in err[0]
