@@ -7,7 +7,7 @@ One record per module that carries state or quantizes, in module order (the head
   (``distq.export.codes``), its ``weight_scale``, and the affine ``out_scale``/``out_shift``
   that the layer's bias and the batch-norm after it fold into, so that
   ``output = conv(x, weight) * out_scale + out_shift`` per output channel. The integer
-  accumulator of the engine meets floats only there.
+  accumulator of the engine meets floats only there, so the scales are float64.
 - full-precision conv/linear: its float32 ``weight`` as trained, with the same affine
   ``out_scale``/``out_shift`` holding its bias and batch-norm. (Folding the batch-norm into
   the affine rather than the weight keeps the weight exact: w * g rounds in float32.)

@@ -16,6 +16,8 @@ The distq header says everything needed to run the model without its training co
     preprocess  image_size, val_crop_ratio, mean, std of the validation transform
     classes     class names, in logit order
     layers      {module name: record} in module order (see distq.export.exporter)
+    source      checkpoint path, model name, epoch and training data root (for the record,
+                and the default dataset of ``distq eval --engine int``)
     sha256      digest of every tensor's bytes in name order: catches corrupted data,
                 which the safetensors header alone cannot
 

@@ -20,7 +20,7 @@ RECIPES = {
     "w1a1": ("quant.w_bits=1", "quant.a_bits=1"),
     "w2a2": ("quant.w_bits=2", "quant.a_bits=2"),
     "w4a4": ("quant.w_bits=4", "quant.a_bits=4"),
-    "aqe_w2a2": ("quant.w_bits=2", "quant.a_bits=2", "quant.method=aqe"),
+    "aqe_w2a2": ("quant.w_bits=2", "quant.a_bits=2", "quant.method=aqe", "precision.aqe.end=1dur"),  # alpha ends at 1
 }
 
 
