@@ -85,7 +85,10 @@ class _DorefaWeight(torch.autograd.Function):
         dims = _reduce_dims(w, per_channel)
         levels = (1 << bits) - 1
         t = torch.tanh(w)
+        # An all-zero tensor (or channel) has s = 0: take s = 1 there, so that it quantizes
+        # to the level nearest 0 instead of 0 / 0 = NaN (t / s is 0 either way).
         s = _max_abs(t, dims)
+        s = s.masked_fill(s == 0, 1.0)
         d = 2 * s
         q = t / d
         # round(...) / levels * 2 - 1, with "/ levels * 2" as one exact "/ (levels / 2)".
@@ -106,7 +109,8 @@ class _DorefaWeight(torch.autograd.Function):
         # Then 1 where |t| == s, else 0: t / s is exactly +-1 there and strictly inside
         # (-1, 1) elsewhere (|t| < s rounds to at most the float below 1), so trunc finds them.
         peaks = torch.div(t, s, out=buf).trunc_().abs_()
-        share = grad_s / _sum(peaks, dims)
+        # At least one peak wherever s > 0; none in an all-zero tensor, whose grad_s is 0.
+        share = grad_s / _sum(peaks, dims).clamp_min_(1)
         # dL/dt = share * sign(t) at the peaks + 2 g / d (which is g / s exactly) ...
         grad_t = peaks.copysign_(t).mul_(share).addcdiv_(grad, s)
         # ... times tanh' = 1 - t^2, by the kernel autograd uses for tanh.

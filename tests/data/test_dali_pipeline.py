@@ -178,3 +178,19 @@ def test_missing_split_reports_the_torchvision_paths_error(tmp_path):
     with pytest.raises(DataError) as dali_error:
         build_dali_loaders(cfg, seed=0)
     assert str(dali_error.value) == str(torchvision_error.value)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_undecodable_image_is_named_in_one_line(tmp_path, split):
+    """DALI's own error names the decoder operator, not the file: the loader finds the file."""
+    root = _write_coloured_folder(tmp_path / "data", train_per_class=7, val_per_class=5)
+    bad = root / split / "moth" / "moth_2.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 8)
+    bundle = build_dali_loaders(_cfg(root, batch_size=2), seed=0)
+    bundle.start_epoch(0, 0)
+    with pytest.raises(DataError) as error:
+        for _ in bundle.train if split == "train" else bundle.val:
+            pass
+    message = str(error.value)
+    assert message.startswith(f"image file '{bad}' is corrupt or truncated") and "\n" not in message
+    assert message.endswith("replace or delete it")

@@ -152,6 +152,24 @@ def test_per_channel_weight_quant_quantizes_each_channel_alone(bits):
     assert not torch.equal(q, weight_quant(w, bits))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_zero_weights_quantize_to_finite_values_with_finite_gradients(bits):
+    """A pruned (all-zero) layer or channel has max|tanh w| = 0: no 0 / 0 = NaN."""
+    w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w[1] = 0
+    g = upstream_like(w)
+    for per_channel, x in ((False, torch.zeros_like(w)), (True, w)):
+        q = weight_quant(x, bits, per_channel=per_channel)
+        grad = grad_of(lambda v: weight_quant(v, bits, per_channel=per_channel), x, g)
+        assert torch.isfinite(q).all() and torch.isfinite(grad).all()
+        zero = q[1] if per_channel else q
+        nearest = 1 / ((1 << bits) - 1)  # the levels nearest 0 are +-1/(2^k - 1)
+        assert torch.allclose(zero.abs(), torch.full_like(zero, nearest))
+    # The other channels are quantized exactly as before.
+    for c in (0, 2, 3):
+        assert torch.equal(q[c], weight_quant(w[c : c + 1], bits)[0])
+
+
 def test_per_channel_is_ignored_for_one_dimensional_tensors():
     w = torch.randn(32, generator=torch.Generator().manual_seed(4))
     for bits in (1, 3):
