@@ -69,18 +69,6 @@ class Engine:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is true on any (e.g. a preemption signal)."""
-        if not self.env.distributed:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device if self.backend_needs_device else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    @property
-    def backend_needs_device(self) -> bool:
-        return dist.is_initialized() and dist.get_backend() == "nccl"
-
     def barrier(self) -> None:
         if self.env.distributed:
             dist.barrier()

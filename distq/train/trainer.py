@@ -26,6 +26,7 @@ from distq.data import build_loaders
 from distq.data.loaders import epoch_seed
 from distq.dist import TeamModule, build_engine, detect
 from distq.dist.engine import TorchEngine
+from distq.dist.vote import RankVote
 from distq.errors import DistqError
 from distq.quant.layers import QAct, fixed_quantized_weights, quant_layers
 from distq.train.checkpoint import atomic_write, find_resume, load_checkpoint, load_weights, save_checkpoint
@@ -100,6 +101,7 @@ class Trainer:
         self.history: list[dict] = []
         self.log: ScalarLog | None = None
         self.preemption = PreemptionFlag()
+        self.stop_vote = RankVote(self.env)  # all ranks stop at the same step
 
     @property
     def is_main(self) -> bool:
@@ -195,6 +197,7 @@ class Trainer:
                 self.controller.on_event(Event.EPOCH_END, self.step)
                 metrics = {name: self.evaluate(m) for name, m in self.models.items()}
                 self.end_epoch(epoch, metrics, time.perf_counter() - start)
+            self.stop_vote.outcome()  # the last step's vote: the run is complete either way
         finally:
             self.log.close()
         return self.write_results(time.perf_counter() - start)
@@ -246,7 +249,7 @@ class Trainer:
                 self.log.scalar("lr", self.cfg.train.lr * factor, self.step)
                 self.log.scalars(self.controller.scalars(), self.step)
                 bar.set_postfix(loss=f"{values[self.main]:.3f}")
-            if self.engine.any_rank(self.preemption.raised):
+            if self.stop_vote(self.preemption.raised):
                 self.save()
                 raise Preempted(f"stopped by signal at epoch {epoch + 1}, batch {self.batch}: checkpoint saved, resume with --resume auto")
         bar.close()

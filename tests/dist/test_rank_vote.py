@@ -1,0 +1,58 @@
+"""RankVote: every rank stops at the same step when any one rank is signalled, one step after."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distq.dist.env import DistEnv
+from distq.dist.vote import RankVote
+
+CALLS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _votes(rank: int, world: int, port: int, raised_at: dict, out: str) -> None:
+    """Rank ``r`` raises its flag from call ``raised_at[r]`` on; record every call's answer."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        vote = RankVote(DistEnv(rank=rank, world=world, local_rank=rank))
+        answers = []
+        for call in range(CALLS):
+            answer = vote(call >= raised_at.get(str(rank), CALLS))
+            answers.append(answer)
+            if answer:
+                break
+        answers.append(vote.outcome())  # nothing in flight after a yes: False
+        Path(out, f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, raised_at: dict) -> list[list[bool]]:
+    mp.spawn(_votes, args=(2, _free_port(), raised_at, str(tmp_path)), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_one_signalled_rank_stops_both_at_the_next_call(tmp_path):
+    rank0, rank1 = _run(tmp_path, {"1": 3})
+    assert rank0 == rank1 == [False, False, False, False, True, False]
+
+
+def test_no_signal_never_stops_and_the_last_vote_drains(tmp_path):
+    rank0, rank1 = _run(tmp_path, {})
+    assert rank0 == rank1 == [False] * CALLS + [False]
+
+
+def test_one_process_answers_at_once():
+    vote = RankVote(DistEnv(rank=0, world=1, local_rank=0))
+    assert [vote(False), vote(True)] == [False, True] and vote.outcome() is False
