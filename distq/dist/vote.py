@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
@@ -20,10 +22,12 @@ class RankVote:
     One process answers at once.
     """
 
-    def __init__(self, env: DistEnv):
+    def __init__(self, env: DistEnv, timeout_s: float):
         self.distributed = env.distributed
-        # Collective: every rank builds its vote at the same point.
-        self.group = dist.new_group(backend="gloo") if self.distributed else None
+        # Collective: every rank builds its vote at the same point. The group's timeout is the
+        # job's (dist.timeout_s): a new group's default is 30 min, so a frozen rank would hang it.
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
         self.pending: tuple[dist.Work, torch.Tensor] | None = None
 
     def __call__(self, flag: bool) -> bool:

@@ -101,7 +101,7 @@ class Trainer:
         self.history: list[dict] = []
         self.log: ScalarLog | None = None
         self.preemption = PreemptionFlag()
-        self.stop_vote = RankVote(self.env)  # all ranks stop at the same step
+        self.stop_vote = RankVote(self.env, cfg.dist.timeout_s)  # all ranks stop at the same step
 
     @property
     def is_main(self) -> bool:

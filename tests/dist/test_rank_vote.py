@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import socket
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _votes(rank: int, world: int, port: int, raised_at: dict, out: str) -> None:
     """Rank ``r`` raises its flag from call ``raised_at[r]`` on; record every call's answer."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        vote = RankVote(DistEnv(rank=rank, world=world, local_rank=rank))
+        vote = RankVote(DistEnv(rank=rank, world=world, local_rank=rank), timeout_s=60)
         answers = []
         for call in range(CALLS):
             answer = vote(call >= raised_at.get(str(rank), CALLS))
@@ -54,5 +55,28 @@ def test_no_signal_never_stops_and_the_last_vote_drains(tmp_path):
 
 
 def test_one_process_answers_at_once():
-    vote = RankVote(DistEnv(rank=0, world=1, local_rank=0))
+    vote = RankVote(DistEnv(rank=0, world=1, local_rank=0), timeout_s=60)
     assert [vote(False), vote(True)] == [False, True] and vote.outcome() is False
+
+
+def _silent_peer(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 builds its vote and never votes (a frozen rank); rank 0 must not wait forever."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    vote = RankVote(DistEnv(rank=rank, world=world, local_rank=rank), timeout_s=2)
+    if rank == 1:
+        time.sleep(12)
+        return
+    start = time.monotonic()
+    try:
+        vote(False)
+        vote(False)  # waits for the first vote, which rank 1 never joins
+        error = None
+    except RuntimeError as exc:
+        error = type(exc).__name__
+    Path(out, "rank0.json").write_text(json.dumps({"error": error, "seconds": time.monotonic() - start}))
+
+
+def test_a_silent_peer_fails_the_vote_after_the_timeout(tmp_path):
+    mp.spawn(_silent_peer, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] is not None and 1.5 <= result["seconds"] < 10, result
