@@ -153,6 +153,7 @@ class DeepSpeedEngine(Engine):
                 dist_backend=cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                 timeout=datetime.timedelta(seconds=cfg.timeout_s),
             )
+        _give_deepspeed_the_timeout(cfg.timeout_s)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=team.to(self.device), optimizer=optimizer, config=ds_config)
         self.team = self.engine.module
         self.bf16 = bf16
@@ -188,6 +189,19 @@ class DeepSpeedEngine(Engine):
         if not (folder / "latest").is_file():
             raise DistqError(f"{folder} has no DeepSpeed checkpoint to resume the optimizer from: start a fresh run.dir")
         self.engine.load_checkpoint(str(folder), load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+def _give_deepspeed_the_timeout(timeout_s: float) -> None:
+    """DeepSpeed runs ZeRO's gradient collectives on its own clone of the world group, which
+    it makes with torch's default timeout (30 min on gloo, 10 min on NCCL), not the one given
+    to ``init_distributed`` (huggingface/transformers#32036): a frozen rank would hang the job
+    for that long. Make the clone here, with ``dist.timeout_s``; DeepSpeed then reuses it.
+    tests/dist/test_dead_rank.py checks that a frozen rank fails the job within the timeout."""
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", None) is None:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def build_engine(team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, micro_batch: int, env: DistEnv | None = None) -> Engine:
