@@ -160,7 +160,7 @@ def test_zero_weights_quantize_to_finite_values_with_finite_gradients(bits):
     g = upstream_like(w)
     for per_channel, x in ((False, torch.zeros_like(w)), (True, w)):
         q = weight_quant(x, bits, per_channel=per_channel)
-        grad = grad_of(lambda v: weight_quant(v, bits, per_channel=per_channel), x, g)
+        grad = grad_of(lambda v, pc=per_channel: weight_quant(v, bits, per_channel=pc), x, g)
         assert torch.isfinite(q).all() and torch.isfinite(grad).all()
         zero = q[1] if per_channel else q
         nearest = 1 / ((1 << bits) - 1)  # the levels nearest 0 are +-1/(2^k - 1)
