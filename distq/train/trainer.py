@@ -38,6 +38,8 @@ from distq.train.tb import ScalarLog
 from distq.train.team import FeatureTap, build_objective, build_team, main_model_name, students_of
 
 AUX_GROUP = "aux:"
+MEASURED_KEYS = ("wall_time_s", "train_images_per_s", "max_memory_gib")
+"""Keys of results.json that are timings or memory, not results: they differ from run to run."""
 
 
 def evaluate_counts(model: nn.Module, loader, device: torch.device) -> torch.Tensor:
@@ -101,6 +103,7 @@ class Trainer:
         self.history: list[dict] = []
         self.log: ScalarLog | None = None
         self.preemption = PreemptionFlag()
+        self.speed = 0.0  # training images/s of the last epoch, all ranks together
         self.stop_vote = RankVote(self.env, cfg.dist.timeout_s)  # all ranks stop at the same step
 
     @property
@@ -222,6 +225,7 @@ class Trainer:
         accum, every = self.cfg.dist.grad_accum, self.cfg.log.every_steps
         running = {name: torch.zeros((), device=self.engine.device) for name in self.models}
         logged_at = self.step
+        started, first_step = time.perf_counter(), self.step
         for i, (images, labels) in enumerate(bar, start=self.batch):
             if i >= self.steps_per_epoch * accum:
                 break  # the micro-batches left over by grad_accum are not used
@@ -254,6 +258,9 @@ class Trainer:
                 raise Preempted(f"stopped by signal at epoch {epoch + 1}, batch {self.batch}: checkpoint saved, resume with --resume auto")
         bar.close()
         self.batch = 0
+        # The epoch's last step read its loss (.item() above), so the device has finished it.
+        images = (self.step - first_step) * accum * self.cfg.data.batch_size * self.env.world
+        self.speed = images / max(time.perf_counter() - started, 1e-9)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, boundary: bool = True) -> dict[str, torch.Tensor]:
         """Forward and backward of every model on the same micro-batch; the optimizer steps
@@ -279,6 +286,8 @@ class Trainer:
             for layer_name, layer in quant_layers(member.model):
                 kind = "a" if isinstance(layer, QAct) else "w"
                 self.log.scalar(f"{prefix}/{kind}/{layer_name}", layer.bits, self.step)
+        perf = self.perf()
+        self.log.scalars({f"perf/{k}": v for k, v in perf.items()}, self.step)
         self.log.flush()
         record = {"epoch": self.epoch, "step": self.step, **{f"val/{k}": v for k, v in main.items()}}
         if len(metrics) > 1:
@@ -287,7 +296,16 @@ class Trainer:
         self.save()
         parts = [f"epoch {self.epoch}/{self.cfg.train.epochs}", f"val top1 {main['top1']:.2f}", f"top5 {main['top5']:.2f}", f"loss {main['loss']:.4f}"]
         parts += [f"{name} top1 {m['top1']:.2f}" for name, m in metrics.items() if name != self.main]
-        self.say("  ".join(parts) + f"  ({elapsed:.0f}s)")
+        memory = f", {perf['max_memory_gib']:.1f} GiB" if "max_memory_gib" in perf else ""
+        self.say("  ".join(parts) + f"  ({elapsed:.0f}s, {perf['train_images_per_s']:.0f} img/s{memory})")
+
+    def perf(self) -> dict[str, float]:
+        """Training speed of the last epoch (images/s over all ranks) and, on a GPU, rank 0's
+        peak memory. Measurements, so kept out of the reproducible history."""
+        perf = {"train_images_per_s": round(self.speed, 1)}
+        if self.engine.device.type == "cuda":
+            perf["max_memory_gib"] = round(torch.cuda.max_memory_allocated(self.engine.device) / 2**30, 2)
+        return perf
 
     def write_results(self, wall_time: float) -> dict:
         last = self.history[-1] if self.history else {}
@@ -298,6 +316,7 @@ class Trainer:
             "steps": self.step,
             "world_size": self.env.world,
             "wall_time_s": round(wall_time, 2),
+            **self.perf(),
         }
         if "models" in last:
             results["models"] = last["models"]

@@ -74,6 +74,13 @@ def test_results_json_and_checkpoints(tiny_run, events):
     assert results["val/top1"] == pytest.approx(values(events, "val/top1")[-1][1])
     assert results["val/top5"] == pytest.approx(values(events, "val/top5")[-1][1])
     assert 0 <= results["val/top1"] <= 100
+    # Speed of the last epoch: 11 steps of 128 images in well under the run's wall time.
+    speed = values(events, "perf/train_images_per_s")
+    assert [s for s, _ in speed] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert results["train_images_per_s"] == pytest.approx(speed[-1][1], rel=1e-3)
+    assert results["train_images_per_s"] > STEPS_PER_EPOCH * 128 * EPOCHS / results["wall_time_s"]
+    assert "max_memory_gib" not in results  # CPU run: no GPU memory to report
+    assert all("train_images_per_s" not in h for h in torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)["history"])
 
     checkpoints = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
     assert checkpoints == ["epoch_0002.pt", "last.pt"]  # run.keep_checkpoints=1 by default
