@@ -196,7 +196,7 @@ def _give_deepspeed_the_timeout(timeout_s: float) -> None:
     it makes with torch's default timeout (30 min on gloo, 10 min on NCCL), not the one given
     to ``init_distributed`` (huggingface/transformers#32036): a frozen rank would hang the job
     for that long. Make the clone here, with ``dist.timeout_s``; DeepSpeed then reuses it.
-    tests/dist/test_dead_rank.py checks that a frozen rank fails the job within the timeout."""
+    tests/distributed/test_dead_rank.py checks that a frozen rank fails the job within the timeout."""
     from deepspeed.utils import groups
 
     if getattr(groups, "_WORLD_GROUP", None) is None:
