@@ -106,9 +106,8 @@ class _DorefaWeight(torch.autograd.Function):
         # t / d is 2 g, from 2 Q - 1).
         buf = t / d
         grad_s = -4 * _sum(buf.div_(d).mul_(grad), dims)
-        # Then 1 where |t| == s, else 0: t / s is exactly +-1 there and strictly inside
-        # (-1, 1) elsewhere (|t| < s rounds to at most the float below 1), so trunc finds them.
-        peaks = torch.div(t, s, out=buf).trunc_().abs_()
+        # Then 1 where |t| == s, else 0 (s is the exact max of |t|, so equality finds the peaks).
+        peaks = torch.eq(torch.abs(t, out=buf), s, out=buf)
         # At least one peak wherever s > 0; none in an all-zero tensor, whose grad_s is 0.
         share = grad_s / _sum(peaks, dims).clamp_min_(1)
         # dL/dt = share * sign(t) at the peaks + 2 g / d (which is g / s exactly) ...
