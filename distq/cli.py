@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from distq.errors import DistqError
@@ -126,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distq: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from distq.dist.failures import lost_peer_message
+
+        message = lost_peer_message(exc)
+        if message is None or args.debug:
+            raise
+        print(f"distq: error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not a normal exit: tearing down a process group whose peer is gone makes gloo abort
+        # (std::terminate) and hides this line behind a core dump message.
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,13 @@ def wait_training(run_dir: Path, procs: list[subprocess.Popen], poll) -> None:
     assert all(p.poll() is None for p in procs), "a process ended before training started"
 
 
+def assert_one_line_about_the_lost_peer(log: str) -> None:
+    """The rank ends with distq's one line, not a collective's traceback or a gloo abort."""
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("distq: error: rank 0 of 2 lost the other ranks ("), log[-3000:]
+    assert last.endswith("resume with --resume auto") and "Traceback" not in log, log[-3000:]
+
+
 def exit_within(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
     start = time.monotonic()
     try:
@@ -110,7 +117,9 @@ def test_rank_without_launcher_fails_when_its_peer_dies(tmp_path, digits_root, d
         procs[1].kill()
         procs[1].wait()
         code, took = exit_within(procs[0], TIMEOUT_S + MARGIN_S)
-        assert code != 0, (tmp_path / "rank0.log").read_text()[-3000:]
+        log = (tmp_path / "rank0.log").read_text()
+        assert code == 1, log[-3000:]
+        assert_one_line_about_the_lost_peer(log)
         print(f"rank 0 exited {code} {took:.1f} s after rank 1 was killed")
     finally:
         for proc in procs:
@@ -128,7 +137,10 @@ def test_frozen_rank_fails_the_job_after_the_collective_timeout(tmp_path, digits
         wait_training(tmp_path / "run", procs, poll)
         procs[1].send_signal(signal.SIGSTOP)
         code, took = exit_within(procs[0], TIMEOUT_S + MARGIN_S)
-        assert code != 0, (tmp_path / "rank0.log").read_text()[-3000:]
+        log = (tmp_path / "rank0.log").read_text()
+        assert code == 1, log[-3000:]
+        assert_one_line_about_the_lost_peer(log)
+        assert "Timed out" in log.splitlines()[-1]
         assert took >= TIMEOUT_S - 5, f"rank 0 failed {took:.0f} s after rank 1 froze, before the {TIMEOUT_S} s timeout"
         print(f"rank 0 exited {code} {took:.1f} s after rank 1 froze")
     finally:
