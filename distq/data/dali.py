@@ -260,27 +260,25 @@ class DaliValLoader:
         self.iterator: DALIGenericIterator | None = None  # built at the first validation
 
     def _open(self) -> DALIGenericIterator:
+        """The shard's pipeline, built once (it resets itself after each pass)."""
         if self.iterator is None:
-            self.iterator = self._build()
+            cfg = self.cfg
+            pipe = val_pipeline(
+                files=self.split.files,
+                labels=self.split.labels,
+                image_size=cfg.image_size,
+                resize_size=val_resize_size(cfg.image_size, cfg.val_crop_ratio),
+                shard_id=self.rank,
+                num_shards=self.world,
+                gpu=self.device_id is not None,
+                batch_size=cfg.batch_size,
+                num_threads=max(1, cfg.workers),
+                device_id=self.device_id,
+            )
+            self.iterator = DALIGenericIterator(
+                [pipe], OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+            )
         return self.iterator
-
-    def _build(self) -> DALIGenericIterator:
-        cfg, split, device_id = self.cfg, self.split, self.device_id
-        pipe = val_pipeline(
-            files=split.files,
-            labels=split.labels,
-            image_size=cfg.image_size,
-            resize_size=val_resize_size(cfg.image_size, cfg.val_crop_ratio),
-            shard_id=self.rank,
-            num_shards=self.world,
-            gpu=device_id is not None,
-            batch_size=cfg.batch_size,
-            num_threads=max(1, cfg.workers),
-            device_id=device_id,
-        )
-        return DALIGenericIterator(
-            [pipe], OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
-        )
 
     def __len__(self) -> int:
         return math.ceil(self.num_images / self.batch_size)
