@@ -14,6 +14,7 @@ at the repository root.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import resource
@@ -46,24 +47,35 @@ def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def write_photo(job: tuple[Path, int]) -> None:
+    """One JPEG of the benchmark folder, from its own seed: any worker can write any image."""
+    path, index = job
+    rng = np.random.default_rng((0, index))
+    width, height = int(rng.integers(440, 501)), int(rng.integers(330, 376))
+    if index % 5 == 0:  # some portrait images, as in ImageNet
+        width, height = height, width
+    photo_like(rng, width, height).save(path, quality=90)
+
+
 def ensure_dataset(num_images: int) -> Path:
-    """The benchmark folder, written on first use under a temporary name and renamed into place."""
-    root = default_cache_dir() / f"bench-photos-{num_images}-v1"
+    """The benchmark folder, written on first use (by all cores) under a temporary name and renamed into place."""
+    root = default_cache_dir() / f"bench-photos-{num_images}-v2"
     if (root / "COMPLETE").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bench-photos-", dir=root.parent))
-    print(f"writing {num_images} JPEGs to {root} (once) ...", flush=True)
-    rng = np.random.default_rng(0)
+    total = num_images + CLASSES * VAL_PER_CLASS
+    print(f"writing {total} JPEGs to {root} (once, {os.cpu_count()} processes) ...", flush=True)
+    jobs = []
+    for index in range(total):
+        folder = staging / ("train" if index < num_images else "val") / f"class_{index % CLASSES:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"{index:06d}.JPEG", index))
     try:
-        for index in range(num_images + CLASSES * VAL_PER_CLASS):
-            split = "train" if index < num_images else "val"
-            folder = staging / split / f"class_{index % CLASSES:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            width, height = int(rng.integers(440, 501)), int(rng.integers(330, 376))
-            if index % 5 == 0:  # some portrait images, as in ImageNet
-                width, height = height, width
-            photo_like(rng, width, height).save(folder / f"{index:06d}.JPEG", quality=90)
+        with multiprocessing.get_context("spawn").Pool() as pool:
+            for done, _ in enumerate(pool.imap_unordered(write_photo, jobs, chunksize=16), 1):
+                if done % 1000 == 0:
+                    print(f"  {done}/{total}", flush=True)
         (staging / "COMPLETE").write_text("ok\n")
         os.rename(staging, root)
     finally:

@@ -6,8 +6,8 @@
 Needs a CUDA GPU: without one it says so and exits with status 2, measuring nothing.
 
 Every variant trains through distq's own step (``Trainer.train_step`` on a one-process
-``TorchEngine``: bf16 autocast, SGD over the team's parameter groups), the models in
-channels-last memory format:
+``TorchEngine`` with its CUDA defaults: bf16 autocast, channels-last batches, SGD over the
+team's parameter groups), exactly as ``distq train`` trains:
 
 - ``FP``: the network at 32 bits (``quantize_model`` at full precision, as a guide is built);
 - ``W4A4``: quantized weights and activations (first conv, last linear, final activation full precision);
@@ -72,7 +72,7 @@ def make_step(variant: str, arch: str, compile_: bool):
     )
     torch.manual_seed(0)
     team = build_team(cfg, 1000)
-    models = nn.ModuleDict({m.name: m.model.to(memory_format=torch.channels_last) for m in team})
+    models = nn.ModuleDict({m.name: m.model for m in team})
     groups = [g for m in team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
     engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv())
     engine.team.train()
@@ -104,7 +104,7 @@ def batches(args, device: torch.device):
     while True:
         bundle.start_epoch(0, epoch)
         for images, labels in bundle.train:
-            yield images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), labels.to(device, non_blocking=True)
+            yield images, labels  # train_step moves them (channels-last on CUDA)
         epoch += 1
 
 
@@ -129,8 +129,6 @@ def main() -> None:
         print(NO_GPU, file=sys.stderr)
         sys.exit(2)
     on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     load_before = os.getloadavg()[0]
@@ -164,7 +162,9 @@ def main() -> None:
     if args.no_report or not on_gpu:
         return
 
-    source = "one synthetic batch on the GPU" if args.data is None and args.jpegs is None else (
+    synthetic = args.data is None and args.jpegs is None
+    title = TITLE + ("" if synthetic else ", torchvision loader") + (" (torch.compile)" if args.compile else "")
+    source = "one synthetic batch on the GPU" if synthetic else (
         f"torchvision loader, {args.workers} workers, " + (f"{args.jpegs} generated JPEGs" if args.data is None else f"folder {args.data}")
     )
     command = "python benchmarks/gpu_throughput.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--report"))
@@ -172,7 +172,8 @@ def main() -> None:
         *context_lines(command.strip(), None, load_before),
         f"- What: {args.arch}, batch {args.batch} at {args.size} px, bf16 autocast, channels-last, distq's train_step "
         f"(SGD); data: {source}; {args.warmup} warm-up steps, then {args.rounds} interleaved rounds of {args.steps} steps; "
-        f"median images/s{' ; torch.compile' if args.compile else ''}.",
+        f"median images/s{' ; torch.compile' if args.compile else ''}. CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+        f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (all variants' models held at once).",
         "",
         "| variant | images/s | vs FP | warm-up (s) |",
         "|---|---:|---:|---:|",
@@ -182,7 +183,7 @@ def main() -> None:
         ),
         "",
     ]
-    print(f"wrote {write_section(TITLE, chr(10).join(lines), args.report)}")
+    print(f"wrote {write_section(title, chr(10).join(lines), args.report)}")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,9 @@ class DistConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step (global batch = data.batch_size x processes x grad_accum)."""
     bf16: bool | None = None
-    """bf16 training; null: on with CUDA, off on CPU (fp32)."""
+    """bf16 autocast for forward and loss (weights, gradients and optimizer state stay fp32); null: on with CUDA, off on CPU."""
+    channels_last: bool | None = None
+    """Training batches in channels-last memory format, so convolutions run channels-last (faster on tensor cores); null: on with CUDA."""
     backend: Literal["nccl", "gloo"] | None = None
     """Process-group backend; null: nccl with CUDA, gloo otherwise."""
     timeout_s: int = 300

@@ -49,8 +49,14 @@ def init_process_group(env: DistEnv, cfg: DistConfig) -> None:
     dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=datetime.timedelta(seconds=cfg.timeout_s))
 
 
-def device_for(env: DistEnv) -> torch.device:
-    return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def use_device(env: DistEnv) -> torch.device:
+    """This rank's GPU (by local rank) when there is one, else the CPU. On a GPU, cuDNN picks
+    the fastest convolution algorithms for the (fixed) training shapes, as NVIDIA's and timm's
+    trainers do."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", env.local_rank)
 
 
 class Engine:
@@ -58,6 +64,10 @@ class Engine:
 
     env: DistEnv
     device: torch.device
+    memory_format: torch.memory_format
+    """Of the training batches. Channels-last batches make every convolution run channels-last
+    (PyTorch picks the format from the input or the weight). The weights stay contiguous:
+    DeepSpeed broadcasts and flattens parameters through views that need a unit last stride."""
     optimizer: torch.optim.Optimizer
     team: TeamModule
 
@@ -86,7 +96,21 @@ class Engine:
                 dist.broadcast(buffer.data, src=0)
 
     def autocast(self):
+        """Mixed precision for the forward pass and the loss: bf16 autocast where ``dist.bf16``
+        (default: on with CUDA). Parameters, gradients and optimizer state stay fp32, and
+        BatchNorm and the losses run in fp32 under autocast, in both engines."""
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def use_bf16(cfg: DistConfig, device: torch.device) -> bool:
+    return cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+
+
+def memory_format_for(cfg: DistConfig, device: torch.device) -> torch.memory_format:
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class TorchEngine(Engine):
@@ -94,15 +118,11 @@ class TorchEngine(Engine):
 
     def __init__(self, team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, env: DistEnv):
         self.env, self.cfg, self.train_cfg = env, cfg, train
-        self.device = device_for(env)
+        self.device = use_device(env)
+        self.memory_format = memory_format_for(cfg, self.device)
         self.team = team.to(self.device)
         self.optimizer = optimizer
-        self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
-
-    def autocast(self):
-        if self.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        self.bf16 = use_bf16(cfg, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.grad_accum).backward()
@@ -134,15 +154,18 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         self.env, self.cfg = env, cfg
-        self.device = device_for(env)
-        bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
+        self.device = use_device(env)
+        self.memory_format = memory_format_for(cfg, self.device)
+        self.bf16 = use_bf16(cfg, self.device)
+        # bf16 is the trainer's autocast (Engine.autocast), not DeepSpeed's "bf16" mode: that
+        # mode casts the parameters but not the buffers, so BatchNorm would get bf16 weights
+        # and fp32 running statistics (an error), and it would keep BatchNorm in bf16.
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": cfg.grad_accum,
             "train_batch_size": micro_batch * cfg.grad_accum * env.world,
             "zero_optimization": {"stage": cfg.zero_stage},
             "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": bf16},
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
@@ -156,12 +179,9 @@ class DeepSpeedEngine(Engine):
         _give_deepspeed_the_timeout(cfg.timeout_s)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=team.to(self.device), optimizer=optimizer, config=ds_config)
         self.team = self.engine.module
-        self.bf16 = bf16
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.bf16:
-            images = images.to(torch.bfloat16)
-        return {name: z.float() for name, z in self.engine(images).items()}
+        return self.engine(images)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

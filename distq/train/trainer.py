@@ -266,7 +266,8 @@ class Trainer:
         """Forward and backward of every model on the same micro-batch; the optimizer steps
         on the accumulation boundary. Returns each model's loss."""
         device = self.engine.device
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=self.engine.memory_format)
+        labels = labels.to(device, non_blocking=True)
         with self.engine.autocast():
             logits = self.engine.forward(images)
             losses = self.objective(logits, labels, self.tap.features if self.tap else None)

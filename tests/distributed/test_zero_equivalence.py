@@ -27,18 +27,34 @@ def _run(args: list[str], tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_two_process_zero_matches_one_process(tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage,mixed", [(1, False), (2, False), (2, True)], ids=["zero1", "zero2", "zero2-bf16-channels-last"])
+def test_two_process_zero_matches_one_process(tmp_path, zero_stage, mixed):
+    """fp32: the same weights within 1e-5 relative. bf16 autocast + channels-last batches (the
+    GPU defaults, run on the CPU): both engines compute in bf16 with fp32 weights, and
+    different batch splits round differently (over 20 steps as much as bf16 differs from
+    fp32: ~3% of the largest weight, ~20% of the update), so there the weight updates must
+    agree within 35% (norm-wise): a halved or doubled gradient, or one rank's gradient
+    missing, is off by 50% or more."""
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    _run([sys.executable, str(WORKER), str(single), "torch", "0"], tmp_path)
+    flag = ["mixed"] if mixed else []
+    _run([sys.executable, str(WORKER), str(single), "torch", "0", *flag], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          str(WORKER), str(double), "deepspeed", str(zero_stage)], tmp_path)
+          str(WORKER), str(double), "deepspeed", str(zero_stage), *flag], tmp_path)
     a, b = torch.load(single), torch.load(double)
+    for run in (a, b):
+        assert run["logits_dtype"] == ("torch.bfloat16" if mixed else "torch.float32")
+        assert run["param_dtype"] == "torch.float32"  # master weights stay fp32 under autocast
+        if mixed:
+            assert run["channels_last"], "the convolutions did not run channels-last"
     assert a["initial"].keys() == b["initial"].keys()
     moved = [name for name in a["final"] if not torch.equal(a["final"][name], a["initial"][name])]
     assert len(moved) >= 4, "training did not change the weights: the comparison would be vacuous"
-    a, b = a["final"], b["final"]
-    for name in a:
-        rel = (a[name] - b[name]).abs().max() / a[name].abs().max().clamp_min(1e-12)
-        assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
+    for name in a["final"]:
+        x, y = a["final"][name], b["final"][name]
+        if mixed:
+            rel = (x - y).norm() / (x - a["initial"][name]).norm().clamp_min(1e-12)
+            assert rel < 0.35, f"{name}: the updates differ by {rel:.2e} of their size"
+        else:
+            rel = (x - y).abs().max() / x.abs().max().clamp_min(1e-12)
+            assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
 

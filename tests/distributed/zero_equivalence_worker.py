@@ -1,5 +1,6 @@
 """Train a BN-free quantized CNN for N steps on a fixed global batch sequence; rank 0 saves
-the final weights. Run as one process (TorchEngine) or under torchrun (DeepSpeed ZeRO)."""
+the final weights. Run as one process (TorchEngine) or under torchrun (DeepSpeed ZeRO);
+``mixed`` runs the GPU defaults on the CPU: bf16 autocast and channels-last models and batches."""
 
 import sys
 
@@ -15,7 +16,7 @@ from distq.train.optim import build_optimizer, param_groups
 GLOBAL_BATCH, STEPS = 16, 20
 
 
-def main(out: str, engine_kind: str, zero_stage: int) -> None:
+def main(out: str, engine_kind: str, zero_stage: int, mixed: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -32,19 +33,25 @@ def main(out: str, engine_kind: str, zero_stage: int) -> None:
     micro = GLOBAL_BATCH // env.world
     optimizer = build_optimizer(param_groups(model, train.lr, train.weight_decay), train)
     engine = build_engine(TeamModule(nn.ModuleDict({"model": model}), nn.ModuleDict()), optimizer, train,
-                          DistConfig(engine=engine_kind, zero_stage=zero_stage), micro, env)
+                          DistConfig(engine=engine_kind, zero_stage=zero_stage, bf16=mixed, channels_last=mixed), micro, env)
+    formats = []
+    model[2].register_forward_hook(lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last)))
     data = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
         images = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=data)
         labels = torch.randint(0, 10, (GLOBAL_BATCH,), generator=data)
         mine = slice(env.rank * micro, (env.rank + 1) * micro)
-        logits = engine.forward(images[mine])["model"]
-        engine.backward(F.cross_entropy(logits, labels[mine]))
+        with engine.autocast():
+            logits = engine.forward(images[mine].to(memory_format=engine.memory_format))["model"]
+            loss = F.cross_entropy(logits, labels[mine])
+        engine.backward(loss)
         engine.step(True)
     if env.is_main:
         final = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        torch.save({"initial": initial, "final": final}, out)
+        conv = model[2].weight
+        torch.save({"initial": initial, "final": final, "logits_dtype": str(logits.dtype), "param_dtype": str(conv.dtype),
+                    "channels_last": all(formats)}, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["mixed"])

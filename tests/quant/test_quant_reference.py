@@ -24,6 +24,8 @@ from distq.quant.layers import QAct, QConv2d
 
 BITS = range(1, 9)
 DTYPES = (torch.float32, torch.float64)
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ("cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NO_CUDA]))  # `pytest -m gpu` runs the CUDA cases
 
 
 # --- the references -------------------------------------------------------------------
@@ -127,7 +129,7 @@ def value_and_grad(fn, x: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.T
 
 
 def assert_same(fused, reference, x: torch.Tensor, seed: int = 0) -> None:
-    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.dtype)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.device, x.dtype)
     got_y, got_g = value_and_grad(fused, x, upstream)
     want_y, want_g = value_and_grad(reference, x, upstream)
     assert got_y.dtype == want_y.dtype and got_g.dtype == want_g.dtype
@@ -142,12 +144,13 @@ def weights(shape, dtype, seed: int, scale: float = 0.05) -> torch.Tensor:
 # --- weights --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("bits", BITS)
-def test_weight_quant_equals_reference(bits, per_channel, dtype):
+def test_weight_quant_equals_reference(bits, per_channel, dtype, device):
     for seed, shape in enumerate([(64, 64, 3, 3), (128, 32, 1, 1), (10, 20), (7,)]):
-        w = weights(shape, dtype, seed + 10 * bits)
+        w = weights(shape, dtype, seed + 10 * bits).to(device)
         assert_same(lambda v: weight_quant(v, bits, per_channel), lambda v: ref_weight(v, bits, per_channel), w, seed)
 
 
@@ -184,16 +187,18 @@ def test_weight_quant_equals_reference_on_any_small_tensor(w, bits, per_channel)
 # --- activations ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.bfloat16))
 @pytest.mark.parametrize("bits", BITS)
-def test_act_quant_equals_reference(bits, dtype):
+def test_act_quant_equals_reference(bits, dtype, device):
     x = (1.5 * torch.randn(4, 16, 9, 9, generator=torch.Generator().manual_seed(bits), dtype=torch.float64) + 0.4).to(dtype)
     x[0, 0, 0, :6] = torch.tensor([0.0, -0.0, 1.0, -1e-30, 1.0000001, 0.5])  # the edges of [0, 1]
-    assert_same(lambda v: act_quant(v, bits), lambda v: ref_act(v, bits), x, bits)
+    assert_same(lambda v: act_quant(v, bits), lambda v: ref_act(v, bits), x.to(device), bits)
 
 
-def test_act_quant_channels_last_equals_reference():
-    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0)).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", DEVICES)
+def test_act_quant_channels_last_equals_reference(device):
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0)).to(device, memory_format=torch.channels_last)
     assert_same(lambda v: act_quant(v, 4), lambda v: ref_act(v, 4), x)
 
 
