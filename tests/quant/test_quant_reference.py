@@ -248,3 +248,20 @@ def test_quantized_layers_equal_the_reference_network(w_bits, a_bits, per_channe
     h.square().sum().backward()
     for name, p in fused.named_parameters():
         assert torch.equal(p.grad, params[name].grad), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_quantizers_equal_reference(device):
+    """Under torch.compile (train.compile=true) the quantizers take their compiled path (a bool
+    mask for the activations). Activations: the same to the bit. Weights: the compiler
+    reorders the gradient's sums, so gradients agree to float32 rounding."""
+    torch._dynamo.reset()
+    x = (1.5 * torch.randn(4, 16, 9, 9, generator=torch.Generator().manual_seed(0)) + 0.4).to(device)
+    assert_same(torch.compile(lambda v: act_quant(v, 4)), lambda v: ref_act(v, 4), x)
+    w = weights((32, 16, 3, 3), torch.float32, 1).to(device)
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    for per_channel in (False, True):
+        got_y, got_g = value_and_grad(torch.compile(lambda v: weight_quant(v, 4, per_channel)), w, upstream)
+        want_y, want_g = value_and_grad(lambda v: ref_weight(v, 4, per_channel), w, upstream)
+        assert torch.equal(got_y, want_y)
+        torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-5 * want_g.abs().max().item())
