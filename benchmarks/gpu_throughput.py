@@ -1,6 +1,6 @@
 """ResNet-50 training throughput on a GPU: full precision, W4A4 and guided, bf16, channels-last.
 
-    python benchmarks/gpu_throughput.py [--batch 128] [--steps 20] [--rounds 3] [--compile]
+    python benchmarks/gpu_throughput.py [--batch 128] [--steps 20] [--rounds 3]
                                         [--data ROOT | --jpegs 5000] [--workers 8]
 
 Needs a CUDA GPU: without one it says so and exits with status 2, measuring nothing.
@@ -19,8 +19,8 @@ Data: by default one fixed synthetic batch already on the GPU (the model's speed
 written once under the distq cache by ``benchmarks/data_loading.py``) feed the torchvision
 training loader instead (224 px RandomResizedCrop + flip, ``--workers`` processes), so the
 figure includes decoding. The variants run round-robin (``--steps`` timed steps each per
-round, after warm-up); images/s is the median over rounds. ``--compile`` compiles each model
-as ``train.compile=true`` does (compile time is in the warm-up, reported apart). Replaces
+round, after warm-up); images/s is the median over rounds. No torch.compile: on CUDA it
+zeroed the activation quantizer's gradients (see BENCHMARKS.md, "Speed work"). Replaces
 this benchmark's section of BENCHMARKS.md unless ``--no-report``; ``--allow-cpu`` runs the
 same code on the CPU as a smoke test and never writes the report.
 """
@@ -42,7 +42,7 @@ from distq.config import config_from_dict
 from distq.dist.engine import TeamModule, TorchEngine
 from distq.dist.env import DistEnv
 from distq.train.optim import build_optimizer, param_groups
-from distq.train.team import build_objective, build_team, compile_models
+from distq.train.team import build_objective, build_team
 from distq.train.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ VARIANTS = {
 }
 
 
-def make_step(variant: str, arch: str, compile_: bool):
+def make_step(variant: str, arch: str):
     """distq's train_step for one variant; returns it and the engine's device."""
     cfg = config_from_dict(
         {
@@ -76,8 +76,6 @@ def make_step(variant: str, arch: str, compile_: bool):
     groups = [g for m in team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
     engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv())
     engine.team.train()
-    if compile_:
-        compile_models(models)  # what train.compile=true does
     trainer = SimpleNamespace(engine=engine, objective=build_objective(cfg, team), tap=None)
     return (lambda images, labels: Trainer.train_step(trainer, images, labels)), engine.device
 
@@ -113,10 +111,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=224, help="image side")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first (cudnn autotuning, compile)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first (cuDNN autotuning)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default="FP,W4A4,guided")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model (off by default)")
     parser.add_argument("--data", type=Path, default=None, help="ImageNet-layout folder for the torchvision loader")
     parser.add_argument("--jpegs", type=int, default=None, help="generate this many JPEGs and load them with torchvision")
     parser.add_argument("--workers", type=int, default=8, help="loader worker processes (with --data/--jpegs)")
@@ -134,7 +131,7 @@ def main() -> None:
     names = args.variants.split(",")
     steps = {}
     for name in names:
-        steps[name], device = make_step(name, args.arch, args.compile)
+        steps[name], device = make_step(name, args.arch)
     data = batches(args, device)
     warmup_s = {}
     for name, step in steps.items():
@@ -162,7 +159,7 @@ def main() -> None:
         return
 
     synthetic = args.data is None and args.jpegs is None
-    title = TITLE + ("" if synthetic else ", torchvision loader") + (" (torch.compile)" if args.compile else "")
+    title = TITLE + ("" if synthetic else ", torchvision loader")
     source = "one synthetic batch on the GPU" if synthetic else (
         f"torchvision loader, {args.workers} workers, " + (f"{args.jpegs} generated JPEGs" if args.data is None else f"folder {args.data}")
     )
@@ -171,7 +168,7 @@ def main() -> None:
         *context_lines(command.strip(), None, load_before),
         f"- What: {args.arch}, batch {args.batch} at {args.size} px, bf16 autocast, channels-last, distq's train_step "
         f"(SGD); data: {source}; {args.warmup} warm-up steps, then {args.rounds} interleaved rounds of {args.steps} steps; "
-        f"median images/s{' ; torch.compile' if args.compile else ''}. CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+        f"median images/s. CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
         f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (all variants' models held at once).",
         "",
         "| variant | images/s | vs FP | warm-up (s) |",

@@ -114,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from distq.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
+    from distq.dist import close_process_group
+
     try:
-        return args.func(args)
+        code = args.func(args)
+        close_process_group()
+        return code
     except Preempted as exc:
+        close_process_group()  # every rank stops at the same step (RankVote)
         print(f"distq: {exc}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
     except DistqError as exc:

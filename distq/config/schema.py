@@ -133,9 +133,6 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; null disables."""
-    compile: bool = False
-    """torch.compile every model (fuses the quantizers with their neighbours; pays off on a GPU).
-    The first steps, and the first after each precision change, wait for compilation."""
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)

@@ -49,6 +49,16 @@ def init_process_group(env: DistEnv, cfg: DistConfig) -> None:
     dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=datetime.timedelta(seconds=cfg.timeout_s))
 
 
+def close_process_group() -> None:
+    """Leave the job's process groups (DeepSpeed's and the vote's too) before the process exits.
+
+    Left to the interpreter's shutdown, gloo's threads can be destroyed while still joinable
+    ("terminate called without an active exception"): the process then aborts with SIGABRT
+    after a finished run, and the launcher (or SLURM's requeue) sees a failure."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def use_device(env: DistEnv) -> torch.device:
     """This rank's GPU (by local rank) when there is one, else the CPU. On a GPU, cuDNN picks
     the fastest convolution algorithms for the (fixed) training shapes, as NVIDIA's and timm's

@@ -67,14 +67,6 @@ class FeatureTap:
         return hook
 
 
-def compile_models(models: nn.ModuleDict) -> None:
-    """``torch.compile`` each model in place (``nn.Module.compile``): parameters, state-dict
-    keys and hooks stay the module's own, so checkpoints, DeepSpeed and the precision
-    controller see no difference. A change of bits recompiles on the next forward."""
-    for model in models.values():
-        model.compile()
-
-
 def main_model_name(team: list[Member]) -> str:
     """The model whose accuracy is the run's headline (val/top1): the first student."""
     return team[0].name if len(team) == 1 else team[1].name

@@ -35,7 +35,7 @@ from distq.train.optim import build_optimizer, param_groups, set_lr
 from distq.train.preemption import Preempted, PreemptionFlag
 from distq.train.schedule import lr_factor
 from distq.train.tb import ScalarLog
-from distq.train.team import FeatureTap, build_objective, build_team, compile_models, main_model_name, students_of
+from distq.train.team import FeatureTap, build_objective, build_team, main_model_name, students_of
 
 AUX_GROUP = "aux:"
 MEASURED_KEYS = ("wall_time_s", "train_images_per_s", "max_memory_gib")
@@ -88,8 +88,6 @@ class Trainer:
         self.clock = Clock(self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
         self.team = build_team(cfg, len(self.data.classes))
         self.models = nn.ModuleDict({m.name: m.model for m in self.team})
-        if cfg.train.compile:
-            compile_models(self.models)
         self.main = main_model_name(self.team)
         self.objective = build_objective(cfg, self.team)
         self.tap = FeatureTap(self.team, cfg.guided.hint.layer) if cfg.guided and cfg.guided.hint else None

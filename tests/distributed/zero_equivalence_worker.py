@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distq.config.schema import DistConfig, TrainConfig
-from distq.dist import TeamModule, build_engine, detect
+from distq.dist import TeamModule, build_engine, close_process_group, detect
 from distq.quant import QAct, QConv2d
 from distq.train.optim import build_optimizer, param_groups
 
@@ -51,6 +51,7 @@ def main(out: str, engine_kind: str, zero_stage: int, mixed: bool) -> None:
         conv = model[2].weight
         torch.save({"initial": initial, "final": final, "logits_dtype": str(logits.dtype), "param_dtype": str(conv.dtype),
                     "channels_last": all(formats)}, out)
+    close_process_group()
 
 
 if __name__ == "__main__":
