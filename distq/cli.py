@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from distq.train.preemption import REQUEUE_EXIT_CODE, Preempted
-
     from distq.dist import close_process_group
+    from distq.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
     try:
         code = args.func(args)

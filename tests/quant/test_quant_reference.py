@@ -269,7 +269,7 @@ def test_compiled_quantizers_equal_reference(device):
     w = weights((32, 16, 3, 3), torch.float32, 1).to(device)
     upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(2)).to(device)
     for per_channel in (False, True):
-        got_y, got_g = value_and_grad(torch.compile(lambda v: weight_quant(v, 4, per_channel)), w, upstream)
-        want_y, want_g = value_and_grad(lambda v: ref_weight(v, 4, per_channel), w, upstream)
+        got_y, got_g = value_and_grad(torch.compile(lambda v, pc=per_channel: weight_quant(v, 4, pc)), w, upstream)
+        want_y, want_g = value_and_grad(lambda v, pc=per_channel: ref_weight(v, 4, pc), w, upstream)
         assert torch.equal(got_y, want_y)
         torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-5 * want_g.abs().max().item())
