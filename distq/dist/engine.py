@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 from pathlib import Path
 
 import torch
@@ -37,18 +36,6 @@ class TeamModule(nn.Module):
         return {name: model(images) for name, model in self.models.items()}
 
 
-def init_process_group(env: DistEnv, cfg: DistConfig) -> None:
-    """Join the job's process group, with a collective timeout so a dead rank fails the job."""
-    if not env.distributed or dist.is_initialized():
-        return
-    backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world, timeout=datetime.timedelta(seconds=cfg.timeout_s))
-
-
 def close_process_group() -> None:
     """Leave the job's process groups (DeepSpeed's and the vote's too) before the process exits.
 
@@ -60,11 +47,14 @@ def close_process_group() -> None:
 
 
 def use_device(env: DistEnv) -> torch.device:
-    """This rank's GPU (by local rank) when there is one, else the CPU. On a GPU, cuDNN picks
-    the fastest convolution algorithms for the (fixed) training shapes, as NVIDIA's and timm's
-    trainers do."""
+    """This rank's GPU (by local rank), made the current device, when there is one; else the
+    CPU. On a GPU, cuDNN picks the fastest convolution algorithms for the (fixed) training
+    shapes, as NVIDIA's and timm's trainers do."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    # Before the process group exists: NCCL then binds this rank to its own GPU, not to one
+    # guessed from the global rank (wrong on every node but the first).
+    torch.cuda.set_device(env.local_rank)
     torch.backends.cudnn.benchmark = True
     return torch.device("cuda", env.local_rank)
 
