@@ -86,3 +86,13 @@ def test_gpu_throughput_code_runs_on_cpu_as_a_smoke_test(report):
     assert proc.returncode == 0, proc.stderr
     assert "guided" in proc.stdout and "images/s" in proc.stdout
     assert report.read_text() == before  # a CPU run is never reported
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_all_without_a_gpu_says_so_and_runs_nothing(tmp_path):
+    env = {**ENV, "PYTHON": sys.executable, "LOG": str(tmp_path / "log")}
+    env.pop("NGPUS", None)
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_all.sh")], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "log").iterdir()) == []  # no step ran
