@@ -95,6 +95,16 @@ class Engine:
             for buffer in self.team.buffers():
                 dist.broadcast(buffer.data, src=0)
 
+    def _place(self, env: DistEnv, cfg: DistConfig) -> None:
+        """This rank's device, and the GPU defaults of ``dist.bf16`` and ``dist.channels_last``
+        (null: on with CUDA, off on the CPU)."""
+        self.env, self.cfg = env, cfg
+        self.device = use_device(env)
+        on_cuda = self.device.type == "cuda"
+        self.bf16 = on_cuda if cfg.bf16 is None else cfg.bf16
+        channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
     def autocast(self):
         """Mixed precision for the forward pass and the loss: bf16 autocast where ``dist.bf16``
         (default: on with CUDA). Parameters, gradients and optimizer state stay fp32, and
@@ -104,25 +114,14 @@ class Engine:
         return contextlib.nullcontext()
 
 
-def use_bf16(cfg: DistConfig, device: torch.device) -> bool:
-    return cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-
-
-def memory_format_for(cfg: DistConfig, device: torch.device) -> torch.memory_format:
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 class TorchEngine(Engine):
     """One process, plain PyTorch: the reference the distributed engine must match."""
 
     def __init__(self, team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, env: DistEnv):
-        self.env, self.cfg, self.train_cfg = env, cfg, train
-        self.device = use_device(env)
-        self.memory_format = memory_format_for(cfg, self.device)
+        self._place(env, cfg)
+        self.train_cfg = train
         self.team = team.to(self.device)
         self.optimizer = optimizer
-        self.bf16 = use_bf16(cfg, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.grad_accum).backward()
@@ -153,10 +152,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, env: DistEnv, micro_batch: int):
         import deepspeed
 
-        self.env, self.cfg = env, cfg
-        self.device = use_device(env)
-        self.memory_format = memory_format_for(cfg, self.device)
-        self.bf16 = use_bf16(cfg, self.device)
+        self._place(env, cfg)
         # bf16 is the trainer's autocast (Engine.autocast), not DeepSpeed's "bf16" mode: that
         # mode casts the parameters but not the buffers, so BatchNorm would get bf16 weights
         # and fp32 running statistics (an error), and it would keep BatchNorm in bf16.

@@ -164,11 +164,11 @@ class _ActQuant(torch.autograd.Function):
         out = x.clamp(0, 1)
         if ctx.needs_input_grad[0]:
             # The clamp left x unchanged exactly where 0 <= x <= 1. On the CPU kept as uint8
-            # and multiplied (a bool mask multiplies several times slower there); on a GPU,
-            # or compiled, kept as bool and selected with where (a uint8 x bf16 product takes
-            # CUDA's slow mixed-dtype path, and the compiler cannot view bool as uint8).
+            # and multiplied (a bool mask multiplies several times slower there); on a GPU
+            # kept as bool and selected with where (a uint8 x bf16 product takes CUDA's slow
+            # mixed-dtype path).
             inside = torch.eq(out, x)
-            ctx.save_for_backward(inside if x.is_cuda or torch.compiler.is_compiling() else inside.view(torch.uint8))
+            ctx.save_for_backward(inside if x.is_cuda else inside.view(torch.uint8))
         return out.mul_(levels).round_().div_(levels)
 
     @staticmethod

@@ -259,8 +259,7 @@ COMPILED_CUDA_BUG = pytest.mark.xfail(
 
 @pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NO_CUDA, COMPILED_CUDA_BUG])))
 def test_compiled_quantizers_equal_reference(device):
-    """Under torch.compile the quantizers take their compiled path (a bool mask for the
-    activations). Activations: the same to the bit. Weights: the compiler reorders the
+    """The quantizers under torch.compile. Activations: the same to the bit. Weights: the compiler reorders the
     gradient's sums, so gradients agree to float32 rounding. distq does not compile its
     models (no option for it): on CUDA this fails, see COMPILED_CUDA_BUG."""
     torch._dynamo.reset()
