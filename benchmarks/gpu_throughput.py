@@ -20,7 +20,7 @@ written once under the distq cache by ``benchmarks/data_loading.py``) feed the t
 training loader instead (224 px RandomResizedCrop + flip, ``--workers`` processes), so the
 figure includes decoding. The variants run round-robin (``--steps`` timed steps each per
 round, after warm-up); images/s is the median over rounds. No torch.compile: on CUDA it
-zeroed the activation quantizer's gradients (see BENCHMARKS.md, "Speed work"). Replaces
+zeroed the activation quantizer's gradients (BENCHMARKS.md, "GPU: where W4A4 loses time"). Replaces
 this benchmark's section of BENCHMARKS.md unless ``--no-report``; ``--allow-cpu`` runs the
 same code on the CPU as a smoke test and never writes the report.
 """

@@ -96,3 +96,10 @@ def test_gpu_all_without_a_gpu_says_so_and_runs_nothing(tmp_path):
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "log").iterdir()) == []  # no step ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_profile_without_a_gpu_says_so():
+    proc = run("gpu_profile.py", timeout=120)
+    assert proc.returncode == 2
+    assert "gpu_profile.py needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
