@@ -39,8 +39,9 @@ import torch
 import torch.nn as nn
 
 from distq.config import config_from_dict
-from distq.dist.engine import TeamModule, TorchEngine
-from distq.dist.env import DistEnv
+from distq.data.order import BatchLayout
+from distq.distributed.engine import TeamModule, TorchEngine
+from distq.distributed.env import DistEnv
 from distq.train.optim import build_optimizer, param_groups
 from distq.train.team import build_objective, build_team
 from distq.train.trainer import Trainer
@@ -74,7 +75,7 @@ def make_step(variant: str, arch: str):
     team = build_team(cfg, 1000)
     models = nn.ModuleDict({m.name: m.model for m in team})
     groups = [g for m in team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
-    engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv())
+    engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv(), BatchLayout(cfg.data.batch_size))
     engine.team.train()
     trainer = SimpleNamespace(engine=engine, objective=build_objective(cfg, team), tap=None)
     return (lambda images, labels: Trainer.train_step(trainer, images, labels)), engine.device

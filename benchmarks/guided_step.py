@@ -26,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distq.config import config_from_dict
-from distq.dist.engine import TeamModule, TorchEngine
-from distq.dist.env import DistEnv
+from distq.data.order import BatchLayout
+from distq.distributed.engine import TeamModule, TorchEngine
+from distq.distributed.env import DistEnv
 from distq.train.optim import build_optimizer, param_groups
 from distq.train.team import build_objective, build_team
 from distq.train.trainer import Trainer
@@ -57,7 +58,7 @@ def guided_step(cfg, classes: int, images: torch.Tensor, labels: torch.Tensor):
     team = build_team(cfg, classes)
     models = nn.ModuleDict({m.name: m.model for m in team})
     groups = [g for m in team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
-    engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv())
+    engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv(), BatchLayout(cfg.data.batch_size))
     engine.team.train()
     trainer = SimpleNamespace(engine=engine, objective=build_objective(cfg, team), tap=None)
     return lambda: Trainer.train_step(trainer, images, labels)

@@ -98,7 +98,7 @@ class Run:
     def command(self, args, run_dir: Path) -> list[str]:
         overrides = [
             f"seed={self.seed}", f"train.epochs={args.epochs}", f"model.width={args.width}",
-            "data.workers=0", "log.progress=false", "log.tensorboard=false", "run.keep_checkpoints=0",
+            "data.workers=0", "log.progress=false", "log.tensorboard=false", "run.keep_checkpoints=1",
             *self.method.overrides(self.bits or 32), f"run.dir={run_dir}",
         ]
         return [sys.executable, "-m", "distq", "train", str(CONFIGS / self.method.recipe), *overrides]

@@ -31,8 +31,8 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from distq.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    results = trainer.fit(resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume)
+    results = trainer.fit()
     trainer.say(json.dumps(results))
     return 0
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from distq.dist import close_process_group
+    from distq.distributed import close_process_group
     from distq.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
     try:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print("distq: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:
-        from distq.dist.failures import lost_peer_message
+        from distq.distributed.failures import lost_peer_message
 
         message = lost_peer_message(exc)
         if message is None or args.debug:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from distq.checkpoint import load_state as load_checkpoint
+from distq.checkpoint import load_weights
 from distq.config import config_from_dict
 from distq.data import build_val_loader, class_names, resolve_root
 from distq.errors import DistqError
 from distq.models.build import build_model
-from distq.train.checkpoint import load_checkpoint, load_weights
+from distq.train.evaluation import evaluate
 from distq.train.team import SINGLE
-from distq.train.trainer import evaluate
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None) -> dict:

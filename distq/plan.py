@@ -8,6 +8,7 @@ from distq.config import DistqConfig
 from distq.controller.policies import Precision, build_policies
 from distq.controller.timeline import Clock
 from distq.controller.validate import target_bits
+from distq.data.order import configured_layout
 from distq.quant.functional import FULL_PRECISION
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -32,7 +33,7 @@ def plan_lines(cfg: DistqConfig, train_images: int | None = None, world_size: in
     note = "given"
     if train_images is None:
         train_images, note = count_train_images(cfg)
-    steps_per_epoch = max(1, train_images // (cfg.data.batch_size * world_size))
+    steps_per_epoch = max(1, train_images // configured_layout(cfg, world_size).global_batch)
     clock = Clock(steps_per_epoch, steps_per_epoch * cfg.train.epochs)
     policies = build_policies(cfg, clock, target_bits(cfg)[0])
 

@@ -163,6 +163,84 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
     return predicate()
 
 
+def training_checkpoint(path: Path) -> dict:
+    """The newest complete checkpoint of a run directory (or the checkpoint folder given), its
+    optimizer shards merged into whole tensors under ``"optimizer"`` and its folder under ``"folder"``."""
+    from distq.checkpoint import CheckpointStore, load_state, load_tensors
+    from distq.checkpoint.optimizer_state import merge
+    from distq.checkpoint.store import Found, read_manifest
+
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        found = Found(path, read_manifest(path / "manifest.json"))
+    else:
+        found = CheckpointStore(path).find()
+        assert found is not None, f"{path} has no checkpoint"
+    state = load_state(found.folder)
+    state["optimizer"] = merge([load_tensors(p) for p in found.optimizer_paths()], str(found.folder))
+    state["folder"] = found.folder
+    return state
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps of the run's committed checkpoints (those with a manifest), ascending."""
+    return sorted(int(p.parent.name[5:]) for p in (Path(run_dir) / "checkpoints").glob("step_*/manifest.json"))
+
+
+def assert_same_state(a, b, where: str = "") -> None:
+    """Recursively equal: tensors with torch.equal (bitwise), everything else with ==."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="session")
+def checkpoint_of():
+    """``checkpoint_of(run_dir_or_folder)``: see ``training_checkpoint``."""
+    return training_checkpoint
+
+
+@pytest.fixture(scope="session")
+def steps_committed():
+    """``steps_committed(run_dir)``: see ``committed_steps``."""
+    return committed_steps
+
+
+@pytest.fixture(scope="session")
+def same_state():
+    """``same_state(a, b)``: see ``assert_same_state``."""
+    return assert_same_state
+
+
+@pytest.fixture(scope="session")
+def torchrun(distq_cache):
+    """``torchrun(nproc, *args, log=PATH, env=None, wait=True)``: ``python -m distq ARGS`` on
+    ``nproc`` processes (torchrun, a free port); returns the exit status, or the ``Popen`` with wait=False."""
+    import socket
+
+    def run(nproc: int, *args: str, log: Path, env: dict[str, str] | None = None, wait: bool = True):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "-m", "distq", *map(str, args)]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_cli_env(distq_cache, env), stdout=out, stderr=subprocess.STDOUT)
+        return proc.wait(timeout=900) if wait else proc
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def poll():
     """``poll(predicate, timeout, interval=0.02)``: wait until ``predicate()`` is true; returns it."""

@@ -82,8 +82,8 @@ def cases(p: dict[str, Path]) -> dict[str, tuple[tuple[str, ...], str]]:
             rf"image file '{re.escape(str(p['truncated'] / 'train' / 'dog' / 'cut.JPEG'))}' is corrupt or truncated",
         ),
         "resume_other_width": (
-            (*train, "model.width=8", "--resume", str(p["run"] / "checkpoints" / "last.pt")),
-            r"checkpoint '.*last\.pt' was written for a different model or dataset \(model\.arch=resnet18, width=4",
+            (*train, "model.width=8", "--resume", str(p["run"])),
+            r"checkpoint .*step_00000022 was written for a different model or dataset \(model\.arch=resnet18, width=4",
         ),
         "pretrained_resnet50_into_resnet18": (
             (*train, "model.width=64", "model.small_input=false", f"model.pretrained={p['resnet50']}"),
@@ -98,7 +98,7 @@ def outcomes(inputs, run_distq):
     """name -> CompletedProcess of every case, plus the --debug run and a good eval."""
     runs = {name: args for name, (args, _) in cases(inputs).items()}
     runs["debug"] = ("--debug", "train", CONFIG, "train.epcohs=3")
-    runs["eval_ok"] = ("eval", str(inputs["run"] / "checkpoints" / "last.pt"))
+    runs["eval_ok"] = ("eval", str(inputs["run"]))
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = dict(zip(runs, pool.map(lambda args: run_distq(*args), runs.values())))
     return done
@@ -175,7 +175,7 @@ def test_eval_on_a_dataset_with_other_classes(tiny_run, tmp_path, make_image_fol
     from distq.cli import main
 
     other = make_image_folder(tmp_path / "other", per_class=1)
-    assert main(["eval", str(tiny_run / "checkpoints" / "last.pt"), "--data", str(other)]) == 2
+    assert main(["eval", str(tiny_run), "--data", str(other)]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(r"distq: error: dataset '.*other' has classes \['cat', 'dog'\]\.\.\. but checkpoint .* was trained on \['digit_0'.*\n", err), err
 

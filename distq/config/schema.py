@@ -26,14 +26,20 @@ def _check_positive(key: str, value: float) -> None:
 class RunConfig:
     dir: str = "runs/default"
     """Run directory: checkpoints, TensorBoard events, config.yaml and results.json go here."""
-    keep_checkpoints: int = 1
-    """How many per-epoch checkpoints to keep besides last.pt (0 keeps only last.pt)."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep (the newest); older ones are deleted once a newer one is
+    committed. 2 or more leaves one to fall back to if the newest is damaged."""
+    save_every_steps: int | None = None
+    """Also checkpoint every this many optimizer steps inside an epoch (long epochs); null: at the end
+    of each epoch only (and on SIGUSR1)."""
 
     def __post_init__(self):
         if not self.dir:
             raise ValueError("run.dir must be a directory path, e.g. run.dir=runs/my_run")
-        if self.keep_checkpoints < 0:
-            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 1 (the checkpoint to resume from)")
+        if self.save_every_steps is not None:
+            _check_positive("run.save_every_steps", self.save_every_steps)
 
 
 @dataclass(kw_only=True)
@@ -91,7 +97,7 @@ class DataConfig:
     image_size: int = 224
     """Training crop and validation centre-crop size."""
     batch_size: int = 256
-    """Batch size per process."""
+    """Batch size per process and forward pass (the micro-batch); with train.global_batch, the largest one."""
     workers: int = 4
     """Data-loading worker processes per training process."""
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -131,6 +137,10 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     """Linear warm-up from 0 over this many epochs."""
     label_smoothing: float = 0.0
+    global_batch: int | None = None
+    """Images per optimizer step over all processes, whatever their number: distq picks the
+    gradient-accumulation steps (and, if it must, a micro-batch below data.batch_size) to reach it.
+    null: data.batch_size x dist.grad_accum x processes. A resumed run keeps its global batch."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; null disables."""
 
@@ -148,6 +158,8 @@ class TrainConfig:
             raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.grad_clip is not None:
             _check_positive("train.grad_clip", self.grad_clip)
+        if self.global_batch is not None:
+            _check_positive("train.global_batch", self.global_batch)
 
 
 @dataclass(kw_only=True)
@@ -159,7 +171,8 @@ class DistConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0, 1 or 2: shard optimizer state (1) and gradients (2) over ranks."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step (global batch = data.batch_size x processes x grad_accum)."""
+    """Micro-batches per optimizer step (global batch = data.batch_size x processes x grad_accum);
+    leave it at 1 when train.global_batch is set, which chooses it."""
     bf16: bool | None = None
     """bf16 autocast for forward and loss (weights, gradients and optimizer state stay fp32); null: on with CUDA, off on CPU."""
     channels_last: bool | None = None
@@ -183,6 +196,9 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     """Show a progress bar."""
+    samples: bool = False
+    """Debugging: log the index of every training sample each rank uses, per step, to RUN_DIR/samples/
+    (shows that resumes and changes of the process count use each sample once per epoch)."""
 
     def __post_init__(self):
         _check_positive("log.every_steps", self.every_steps)
@@ -342,4 +358,9 @@ class DistqConfig:
     def __post_init__(self):
         from distq.controller.validate import validate_precision
 
+        if self.train.global_batch is not None and self.dist.grad_accum != 1:
+            raise ValueError(
+                f"train.global_batch={self.train.global_batch} chooses the accumulation steps itself: "
+                f"remove dist.grad_accum={self.dist.grad_accum} (or train.global_batch)"
+            )
         validate_precision(self)

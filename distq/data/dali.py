@@ -8,18 +8,16 @@ Files and labels come from torchvision's ``ImageFolder`` over the same folders, 
 read the same files with the same class indices (sorted class folders) and report the same
 ``DataError`` for a bad folder.
 
-Determinism. DALI seeds its shuffling once per pipeline: ``random_shuffle`` permutes the file
-list with a fixed internal seed, then draws samples from a 1024-sample buffer whose generator
-runs on across epochs, and the reader moves to the next shard after each epoch. A resumed run
-would start that sequence over and so see different batches than the uninterrupted run. This
-module does not use it. Each epoch builds a fresh train pipeline over the files that
-``DistributedSampler(seed, epoch, rank, world, drop_last=True)`` gives this rank (the sampler
-of the torchvision path), in the sampler's order, with the augmentation seeded from
-(seed, epoch, rank). Data order is therefore a pure function of (seed, epoch) and identical to
-the torchvision path's, and a run resumed at an epoch boundary reads the same images in the
-same order. The random crops and flips are drawn by DALI's own generator: reproducible from
-run to run on the CPU (and expected to be with ``mixed`` decoding, where the crop windows are
-drawn on the CPU too, though that is untested), but different from the torchvision path's.
+Determinism. DALI seeds its random operators once per pipeline, not per sample, so its own
+random crops would differ after a resume. Here nothing random is drawn inside DALI: the
+train reader reads this rank's files in the order ``distq.data.order`` gives (the same as the
+torchvision path's), and an external source feeds, batch by batch in step with the reader,
+each sample's random numbers drawn from (seed, epoch, sample index). The crop window (area
+and aspect ratio as RandomResizedCrop samples them, clamped to the image) and the flip are
+computed from them in the pipeline, from the JPEG's size read from its header. So a run
+resumed mid-epoch, or on another number of processes, crops every sample exactly as the
+uninterrupted run did. The crops follow the same distribution as torchvision's but are not
+the same windows (torchvision retries out-of-range draws instead of clamping).
 """
 
 from __future__ import annotations
@@ -29,12 +27,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from distq.config.schema import DataConfig
+from distq.data.bundle import DataBundle, check_layout_fits, checked_class_names, resolve_root
 from distq.data.folder import DataError, image_folder, load_rgb
-from distq.data.loaders import DataBundle, checked_class_names, epoch_seed, resolve_root
+from distq.data.order import BatchLayout, rank_samples, steps_per_epoch
 from distq.data.transforms import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
 from distq.errors import DistqError
 
@@ -48,12 +47,13 @@ except ImportError as exc:  # DALI is a Linux-only dependency
     ) from None
 
 READER = "reader"
-OUTPUTS = ["images", "labels"]
+VAL_OUTPUTS = ["images", "labels"]
+TRAIN_OUTPUTS = ["images", "labels", "indices"]
 # crop_mirror_normalize works on 0-255 pixels; ToTensor + Normalize divide by 255 first.
 MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]
 STD_255 = [255.0 * s for s in IMAGENET_STD]
-# RandomResizedCrop's default aspect-ratio range.
-ASPECT_RATIO = [3.0 / 4.0, 4.0 / 3.0]
+# RandomResizedCrop's default aspect-ratio range, as logarithms (it samples the ratio log-uniformly).
+LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
 
 
 # --- pipelines --------------------------------------------------------------------------------
@@ -65,21 +65,35 @@ def _normalize(images, **crop_or_mirror):
 
 
 @pipeline_def
-def train_pipeline(files, labels, image_size, crop_scale, hflip, gpu):
-    """RandomResizedCrop (fused with decoding: only the crop window is decoded) + flip + normalize."""
+def train_pipeline(files, labels, draws, image_size, crop_scale, gpu):
+    """RandomResizedCrop (fused with decoding: only the crop window is decoded) + flip + normalize.
+
+    ``draws(batch_info)`` gives, per sample, 4 uniform numbers (area, log aspect ratio, x, y),
+    the mirror flag and the sample's index, for the batch the reader reads at that iteration."""
     jpegs, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name=READER)
-    images = fn.decoders.image_random_crop(
+    uniforms, mirror, indices = fn.external_source(source=draws, num_outputs=3, batch=True, batch_info=True)
+    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C from the header
+    height, width = shape[0], shape[1]
+    low, high = crop_scale
+    area = height * width * (low + uniforms[0] * (high - low))
+    ratio = dmath.exp(LOG_RATIO[0] + uniforms[1] * (LOG_RATIO[1] - LOG_RATIO[0]))
+    # Whole pixels, inside the image: the slice never reads out of bounds.
+    crop_w = dmath.max(dmath.floor(dmath.min(dmath.sqrt(area * ratio), width)), 1.0)
+    crop_h = dmath.max(dmath.floor(dmath.min(dmath.sqrt(area / ratio), height)), 1.0)
+    anchor = fn.stack(dmath.floor(uniforms[2] * (width - crop_w)), dmath.floor(uniforms[3] * (height - crop_h)))
+    images = fn.decoders.image_slice(
         jpegs,
+        anchor,
+        fn.stack(crop_w, crop_h),
         device="mixed" if gpu else "cpu",
         output_type=types.RGB,
         adjust_orientation=False,  # like PIL, which ignores EXIF orientation
-        random_area=list(crop_scale),
-        random_aspect_ratio=ASPECT_RATIO,
-        num_attempts=10,
+        normalized_anchor=False,
+        normalized_shape=False,
+        axis_names="WH",
     )
     images = fn.resize(images, resize_x=image_size, resize_y=image_size)
-    mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
-    return _normalize(images, mirror=mirror), labels.gpu() if gpu else labels
+    return _normalize(images, mirror=mirror), labels.gpu() if gpu else labels, indices
 
 
 def _torchvision_val_geometry(images, image_size: int, resize_size: int):
@@ -135,10 +149,9 @@ def _device_id() -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
-def _batches(
-    open_iterator: Callable[[], DALIGenericIterator], files: list[str], batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """DALI's ``[{"images", "labels"}]`` batches as ``(images, labels)`` with int64 labels of shape [N].
+def _batches(open_iterator: Callable[[], DALIGenericIterator], outputs: list[str], files: list[str], batch_size: int) -> Iterator[tuple]:
+    """DALI's ``[{name: tensor}]`` batches as tuples in ``outputs`` order, labels (and indices)
+    as int64 of shape [N].
 
     ``files`` are the pipeline's files in reading order: when DALI fails to decode one (its
     error names the operator, not the file; the iterator already decodes when it is built),
@@ -150,13 +163,14 @@ def _batches(
             labels = batch["labels"].reshape(-1).long()
             done += 1
             if labels.numel():  # a padded shard can end in a batch of padding only
-                yield batch["images"], labels
+                yield (batch["images"], labels, *(batch[name].reshape(-1).long() for name in outputs[2:]))
     except RuntimeError as exc:
-        if "decoders.image" not in str(exc):
+        if not any(op in str(exc) for op in DECODING_OPERATORS):
             raise
         raise _decode_error(files[done * batch_size : (done + DECODE_LOOKAHEAD) * batch_size], exc) from None
 
 
+DECODING_OPERATORS = ("decoders.image", "peek_image_shape")  # the operators that parse the files
 DECODE_LOOKAHEAD = 4  # DALI's prefetch queue (2 batches by default) plus margin
 
 
@@ -192,50 +206,64 @@ class _Split:
 
 
 class DaliTrainLoader:
-    """One epoch of training batches per ``iter()``, a pure function of (seed, epoch, rank, world).
+    """One epoch of ``(images, labels, indices)`` training batches per ``iter()``: this rank's
+    files in ``distq.data.order``'s order, each sample's crop and flip drawn from (seed, epoch,
+    index)."""
 
-    Each rank reads the ``DistributedSampler(drop_last=True)`` share of the epoch, so every rank
-    takes ``floor(floor(n / world) / batch_size)`` steps, like the torchvision path.
-    """
+    def __init__(self, cfg: DataConfig, split: _Split, seed: int, layout: BatchLayout, rank: int, device_id: int | None):
+        self.cfg, self.split, self.seed, self.layout, self.rank, self.device_id = cfg, split, seed, layout, rank, device_id
+        self.epoch, self.start_step = 0, 0
 
-    def __init__(self, cfg: DataConfig, split: _Split, seed: int, rank: int, world: int, device_id: int | None):
-        self.cfg, self.split, self.rank, self.world, self.device_id = cfg, split, rank, world, device_id
-        self.seed, self.epoch, self.skip = seed, 0, 0
-        self.sampler = DistributedSampler(
-            range(len(split)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-
-    def set_epoch(self, seed: int, epoch: int, skip_batches: int = 0) -> None:
-        """Like the torchvision path: the order uses the build seed, the augmentation this one.
-        ``skip_batches`` leaves out the epoch's first batches (mid-epoch resume); the
-        remaining batches hold the same images, but their random crops are drawn anew."""
-        self.seed, self.epoch, self.skip = seed, epoch, skip_batches * self.cfg.batch_size
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
-        return (len(self.sampler) - self.skip) // self.cfg.batch_size
+        steps = steps_per_epoch(len(self.split), self.layout.global_batch) - self.start_step
+        return steps * self.layout.grad_accum
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)[self.skip :]
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = rank_samples(len(self.split), self.seed, self.epoch, self.layout, self.rank, self.start_step)
+        if not order:  # resumed after the epoch's last step: nothing left to read
+            return iter(())
         files = [self.split.files[i] for i in order]
-        labels = [self.split.labels[i] for i in order]
-        return _batches(lambda: self._epoch_iterator(files, labels), files, self.cfg.batch_size)
+        return _batches(lambda: self._epoch_iterator(order), TRAIN_OUTPUTS, files, self.layout.micro_batch)
 
-    def _epoch_iterator(self, files: list[str], labels: list[int]) -> DALIGenericIterator:
+    def sample_draws(self, order: list[int]) -> Callable:
+        """The external source: per batch, each sample's (area, ratio, x, y) uniforms, mirror flag
+        and index; a pure function of (seed, epoch, index)."""
+        rng = np.random.default_rng([self.seed, self.epoch, 0xD15C])
+        uniforms = rng.random((len(self.split), 5), dtype=np.float32)  # per sample of the split: order-independent
+        index = np.asarray(order, dtype=np.int64)
+        mirror = (uniforms[index, 4] < 0.5).astype(np.int32) if self.cfg.hflip else np.zeros(len(index), np.int32)
+        size, batches = self.layout.micro_batch, max(1, len(index) // self.layout.micro_batch)
+
+        def draws(info):
+            # The pipeline prefetches past the epoch's end; those batches are never read.
+            rows = slice((info.iteration % batches) * size, (info.iteration % batches + 1) * size)
+            picked = index[rows]
+            return (
+                list(uniforms[picked, :4]),
+                list(mirror[rows].reshape(-1, 1)[:, 0]),
+                list(picked.reshape(-1, 1)),
+            )
+
+        return draws
+
+    def _epoch_iterator(self, order: list[int]) -> DALIGenericIterator:
         """A fresh pipeline over this epoch's files: seconds at most (1.6 s for 640k files on 2 CPU cores)."""
         pipe = train_pipeline(
-            files=files,
-            labels=labels,
+            files=[self.split.files[i] for i in order],
+            labels=[self.split.labels[i] for i in order],
+            draws=self.sample_draws(order),
             image_size=self.cfg.image_size,
             crop_scale=self.cfg.crop_scale,
-            hflip=self.cfg.hflip,
             gpu=self.device_id is not None,
-            batch_size=self.cfg.batch_size,
+            batch_size=self.layout.micro_batch,
             num_threads=max(1, self.cfg.workers),
             device_id=self.device_id,
-            seed=(epoch_seed(self.seed, self.epoch) + self.rank) % 2**31,
+            seed=self.seed % 2**31,  # no random operator uses it
         )
-        return DALIGenericIterator([pipe], OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP)
+        return DALIGenericIterator([pipe], TRAIN_OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP)
 
 
 def reader_shard_size(num_files: int, shard_id: int, num_shards: int) -> int:
@@ -276,7 +304,7 @@ class DaliValLoader:
                 device_id=self.device_id,
             )
             self.iterator = DALIGenericIterator(
-                [pipe], OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+                [pipe], VAL_OUTPUTS, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
             )
         return self.iterator
 
@@ -284,28 +312,16 @@ class DaliValLoader:
         return math.ceil(self.num_images / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return _batches(self._open, self.files, self.batch_size)
+        return _batches(self._open, VAL_OUTPUTS, self.files, self.batch_size)
 
 
-@dataclass
-class DaliBundle(DataBundle):
-    train: DaliTrainLoader
-    val: DaliValLoader
-
-    def start_epoch(self, seed: int, epoch: int, skip_batches: int = 0) -> None:
-        self.train.set_epoch(seed, epoch, skip_batches)
-
-
-def build_dali_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> DaliBundle:
-    """DALI counterpart of ``build_torchvision_loaders``: same files, labels, shards and steps."""
+def build_dali_loaders(cfg: DataConfig, seed: int, layout: BatchLayout, rank: int = 0) -> DataBundle:
+    """DALI counterpart of ``build_torchvision_loaders``: same files, labels, order and shards."""
     root = resolve_root(cfg)
     classes = checked_class_names(root)
     device_id = _device_id()
-    train = DaliTrainLoader(cfg, _Split.read(root, "train"), seed, rank, world, device_id)
-    if len(train.sampler) < cfg.batch_size:
-        raise DataError(
-            f"data.batch_size={cfg.batch_size} is larger than each rank's share of {root / 'train'} "
-            f"({len(train.sampler)} images on each of {world} ranks): lower data.batch_size"
-        )
-    val = DaliValLoader(cfg, _Split.read(root, "val"), rank, world, device_id)
-    return DaliBundle(train=train, val=val, classes=classes, root=root)
+    split = _Split.read(root, "train")
+    check_layout_fits(len(split), layout.global_batch, root / "train")
+    train = DaliTrainLoader(cfg, split, seed, layout, rank, device_id)
+    val = DaliValLoader(cfg, _Split.read(root, "val"), rank, layout.world, device_id)
+    return DataBundle(train=train, val=val, classes=classes, root=root)

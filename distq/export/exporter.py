@@ -92,9 +92,10 @@ class ExportSummary:
 
 def export_checkpoint(path: str | Path, out: str | Path, model_name: str | None = None) -> ExportSummary:
     """Export one model of a training checkpoint to ``out``."""
+    from distq.checkpoint import load_state as load_checkpoint
+    from distq.checkpoint import load_weights
     from distq.config import config_from_dict
     from distq.models.build import build_model
-    from distq.train.checkpoint import load_checkpoint, load_weights
 
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])

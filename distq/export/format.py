@@ -117,7 +117,7 @@ def to_bytes(export: ExportFile) -> bytes:
 
 def write_export(export: ExportFile, path: str | Path) -> int:
     """Write ``export`` atomically to ``path``; returns the file size in bytes."""
-    from distq.train.checkpoint import atomic_write
+    from distq.checkpoint import atomic_write
 
     data = to_bytes(export)
     atomic_write(Path(path), lambda f: f.write(data))

@@ -48,9 +48,10 @@ def exact_reference(model: torch.nn.Module) -> torch.nn.Module:
 def reference_model(checkpoint: str, model_name: str = "model", dtype: torch.dtype = torch.float32):
     """The fake-quantized PyTorch model of a checkpoint, as exported (AQE alpha = 1);
     in float64, its ``exact_reference``."""
+    from distq.checkpoint import load_state as load_checkpoint
+    from distq.checkpoint import load_weights
     from distq.config import config_from_dict
     from distq.models.build import build_model
-    from distq.train.checkpoint import load_checkpoint, load_weights
 
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])

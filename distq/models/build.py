@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from distq.checkpoint import CheckpointError, load_weights
 from distq.config.loader import ConfigError
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.models.convert import quantize_model
 from distq.models.registry import build_float_model
-from distq.train.checkpoint import CheckpointError, load_weights
 
 
 def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int, w_bits: int | None = None, a_bits: int | None = None) -> nn.Module:

@@ -15,7 +15,6 @@ from distq.controller.aux_branch import AuxBranches
 from distq.evaluate import evaluate_checkpoint
 from distq.models.build import build_model
 from distq.quant.layers import QConv2d, quant_layers
-from distq.train.checkpoint import load_checkpoint
 
 SPE, EPOCHS = 10, 10
 
@@ -182,7 +181,7 @@ def test_controller_state_restores_the_branches_or_their_removal():
 # --- a real run ---------------------------------------------------------------------------------
 
 
-def test_tiny_run_ends_without_any_branch(tmp_path, make_image_folder, tiny_args, run_distq):
+def test_tiny_run_ends_without_any_branch(tmp_path, make_image_folder, tiny_args, run_distq, checkpoint_of):
     root = make_image_folder(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=24, size=(32, 32))
     run_dir = tmp_path / "run"
     # 6 steps per epoch, 2 epochs: f reaches 0 at step 9, in the middle of epoch 2.
@@ -192,13 +191,13 @@ def test_tiny_run_ends_without_any_branch(tmp_path, make_image_folder, tiny_args
     ))
     assert proc.returncode == 0, proc.stderr
 
-    first = load_checkpoint(run_dir / "checkpoints" / "epoch_0001.pt")  # step 6: the branch is still there
+    first = checkpoint_of(run_dir / "checkpoints" / "step_00000006")  # step 6: the branch is still there
     assert first["controller"]["aux_removed"] is False
     assert first["controller"]["precision"]["aux_f"] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 5 / 9)).item()))
     assert len(first["controller"]["aux"]["model"]) > 0
-    assert {g["model"] for g in first["optimizer"]["param_groups"]} == {"model", "aux:model"}
+    assert any(name.startswith("extra.model.") for name in first["optimizer"])  # the branches' momentum
 
-    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    last = checkpoint_of(run_dir)
     assert (last["epoch"], last["step"]) == (2, 12)
     controller = last["controller"]
     assert "aux" not in controller and controller["aux_removed"] is True and controller["precision"]["aux_f"] == 0.0
@@ -210,11 +209,8 @@ def test_tiny_run_ends_without_any_branch(tmp_path, make_image_folder, tiny_args
     for name, value in plain.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert weights[name].shape == value.shape, name
-    groups = last["optimizer"]["param_groups"]
-    assert {g["model"] for g in groups} == {"model"}
-    ids = [i for g in groups for i in g["params"]]
-    assert len(ids) == len(list(plain.parameters()))
-    assert set(last["optimizer"]["state"]) <= set(ids)
+    # The branches left the optimizer: its state is the plain model's parameters' alone.
+    assert set(last["optimizer"]) == {f"models.model.{name}" for name, _ in plain.named_parameters()}
 
     # The saved weights alone, in a plain model, give the accuracy the run reported last.
-    assert evaluate_checkpoint(str(run_dir / "checkpoints" / "last.pt"))["val/top1"] == last["history"][-1]["val/top1"]
+    assert evaluate_checkpoint(str(run_dir))["val/top1"] == last["history"][-1]["val/top1"]

@@ -20,9 +20,9 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from distq.config.schema import DataConfig  # noqa: E402
-from distq.data import DataError  # noqa: E402
-from distq.data.dali import build_dali_loaders  # noqa: E402
-from distq.data.loaders import build_torchvision_loaders  # noqa: E402
+from distq.data import BatchLayout, DataError  # noqa: E402
+from distq.data.dali import build_dali_loaders as dali_loaders  # noqa: E402
+from distq.data.torchvision_loader import build_torchvision_loaders as torchvision_loaders  # noqa: E402
 from distq.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 ONE_GREY_LEVEL = 1 / 255 / min(IMAGENET_STD)
@@ -54,6 +54,14 @@ def coloured_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=["coloured", "digits"])
 def root(request, coloured_root) -> Path:
     return coloured_root if request.param == "coloured" else request.getfixturevalue("digits_root")
+
+
+def build_dali_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1):
+    return dali_loaders(cfg, seed, BatchLayout(cfg.batch_size, 1, world), rank)
+
+
+def build_torchvision_loaders(cfg: DataConfig, seed: int, rank: int = 0, world: int = 1):
+    return torchvision_loaders(cfg, seed, BatchLayout(cfg.batch_size, 1, world), rank)
 
 
 def _cfg(root: Path, **overrides) -> DataConfig:
@@ -143,23 +151,23 @@ def test_train_steps_shapes_and_order_match_torchvision(coloured_root, batch_siz
     for rank in range(world):
         dali = build_dali_loaders(cfg, seed=7, rank=rank, world=world)
         torchvision = build_torchvision_loaders(cfg, seed=7, rank=rank, world=world)
-        assert len(dali.train) == len(torchvision.train) == (21 // world) // batch_size
-        dali.start_epoch(7, 1)
-        torchvision.start_epoch(7, 1)
+        assert len(dali.train) == len(torchvision.train) == 21 // (world * batch_size)
+        dali.start_epoch(1)
+        torchvision.start_epoch(1)
         batches = list(dali.train)
         assert len(batches) == len(dali.train)
-        for (images, labels), (_, tv_labels) in zip(batches, torchvision.train):
+        for (images, labels, indices), (_, tv_labels, tv_indices) in zip(batches, torchvision.train):
             assert images.shape == (batch_size, 3, 32, 32) and images.dtype == torch.float32
-            assert labels.shape == (batch_size,) and labels.dtype == torch.int64
-            assert torch.equal(labels, tv_labels)  # the same sampler order as the torchvision path
+            assert labels.shape == indices.shape == (batch_size,) and labels.dtype == indices.dtype == torch.int64
+            assert torch.equal(labels, tv_labels) and torch.equal(indices, tv_indices)  # the torchvision path's order
 
 
 def test_train_epoch_is_a_function_of_seed_and_epoch(digits_root):
     cfg = _cfg(digits_root, batch_size=64, image_size=24)
 
-    def epoch(bundle, number):
-        bundle.start_epoch(3, number)
-        return [(x.clone(), y.clone()) for x, y in bundle.train][:3]
+    def epoch(bundle, number, start_step=0):
+        bundle.start_epoch(number, start_step)
+        return [(x.clone(), y.clone()) for x, y, _ in bundle.train][:6]
 
     first = build_dali_loaders(cfg, seed=3)
     resumed = build_dali_loaders(cfg, seed=3)  # a new process resuming at epoch 2
@@ -167,6 +175,27 @@ def test_train_epoch_is_a_function_of_seed_and_epoch(digits_root):
     for (x, y), (x2, y2) in zip(reference, epoch(resumed, 2)):
         assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(reference[0][1], epoch(first, 3)[0][1])
+    # Mid-epoch: a process resuming after step 2 gets batches 2, 3, ... crop for crop.
+    mid = epoch(build_dali_loaders(cfg, seed=3), 2, start_step=2)
+    for (x, y), (x2, y2) in zip(reference[2:], mid):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_each_samples_crop_does_not_depend_on_its_batch(digits_root):
+    """The crop and flip of a sample are drawn from (seed, epoch, index): the same image in
+    two layouts (another batch, another position) comes out identical."""
+    cfg = _cfg(digits_root, batch_size=16, image_size=24)
+    small = dali_loaders(cfg, 3, BatchLayout(16, 1, 1), 0)
+    split = dali_loaders(cfg, 3, BatchLayout(8, 1, 2), 1)
+    small.start_epoch(1)
+    split.start_epoch(1)
+    crops = {int(i): x for images, _, indices in small.train for x, i in zip(images, indices)}
+    seen = 0
+    for images, _, indices in split.train:
+        for x, i in zip(images, indices):
+            assert torch.equal(x, crops[int(i)])
+            seen += 1
+    assert seen == len(crops) // 2
 
 
 def test_missing_split_reports_the_torchvision_paths_error(tmp_path):
@@ -187,7 +216,7 @@ def test_an_undecodable_image_is_named_in_one_line(tmp_path, split):
     bad = root / split / "moth" / "moth_2.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 8)
     bundle = build_dali_loaders(_cfg(root, batch_size=2), seed=0)
-    bundle.start_epoch(0, 0)
+    bundle.start_epoch(0)
     with pytest.raises(DataError) as error:
         for _ in bundle.train if split == "train" else bundle.val:
             pass

@@ -14,7 +14,8 @@ from distq.config.schema import DataConfig
 from distq.data import DataError, build_val_loader, class_names, ensure_digits, image_folder
 from distq.data.digits import VERSION
 from distq.data.folder import load_rgb
-from distq.data.loaders import ShardSampler, build_loaders
+from distq.data.loaders import build_loaders
+from distq.data.torchvision_loader import ShardSampler
 from distq.data.transforms import val_resize_size
 
 # sklearn's digits: 1797 images; every fifth image of each class is validation.
@@ -155,12 +156,12 @@ def first_batches(bundle, seed: int, epoch: int, n: int = 3, global_seed: int = 
     """The first ``n`` training batches of ``epoch``, with the global RNG in some other state
     (the loader must not depend on it)."""
     torch.manual_seed(global_seed)
-    bundle.start_epoch(seed, epoch)
+    bundle.start_epoch(epoch)
     return list(itertools.islice(iter(bundle.train), n))
 
 
 def same_batches(a, b) -> bool:
-    return all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    return all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya, _), (xb, yb, _) in zip(a, b))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -190,8 +191,8 @@ def test_training_augmentation_changes_with_the_epoch(digits_root):
     bundle = build_loaders(digits_cfg(digits_root, 0), seed=0)
     crops = []
     for epoch in (0, 1):
-        bundle.start_epoch(0, epoch)
-        crops.append(bundle.train.dataset[0][0])
+        bundle.start_epoch(epoch)
+        crops.append(bundle.train.samples[0][0])
     assert crops[0].shape == (3, 32, 32)
     assert not torch.equal(crops[0], crops[1])  # two random crops of one image
 

@@ -59,7 +59,7 @@ def start_ranks_without_launcher(tmp_path: Path, distq_cache: Path) -> tuple[lis
 
 def wait_training(run_dir: Path, procs: list[subprocess.Popen], poll) -> None:
     """Until the first epoch's checkpoint exists: every rank is inside the training loop."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last = run_dir / "checkpoints" / "latest.json"
     assert poll(lambda: last.exists() or any(p.poll() is not None for p in procs), timeout=300, interval=0.2)
     assert all(p.poll() is None for p in procs), "a process ended before training started"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distq.dist.env import DistEnv
-from distq.dist.vote import RankVote
+from distq.distributed.env import DistEnv
+from distq.distributed.vote import RankVote
 
 CALLS = 8
 

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distq.config.schema import DistConfig, TrainConfig
-from distq.dist import TeamModule, build_engine, close_process_group, detect
+from distq.data.order import BatchLayout
+from distq.distributed import TeamModule, build_engine, close_process_group, detect
 from distq.quant import QAct, QConv2d
 from distq.train.optim import build_optimizer, param_groups
 
@@ -33,7 +34,7 @@ def main(out: str, engine_kind: str, zero_stage: int, mixed: bool) -> None:
     micro = GLOBAL_BATCH // env.world
     optimizer = build_optimizer(param_groups(model, train.lr, train.weight_decay), train)
     engine = build_engine(TeamModule(nn.ModuleDict({"model": model}), nn.ModuleDict()), optimizer, train,
-                          DistConfig(engine=engine_kind, zero_stage=zero_stage, bf16=mixed, channels_last=mixed), micro, env)
+                          DistConfig(engine=engine_kind, zero_stage=zero_stage, bf16=mixed, channels_last=mixed), BatchLayout(micro, 1, env.world), env)
     formats = []
     model[2].register_forward_hook(lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last)))
     data = torch.Generator().manual_seed(1)

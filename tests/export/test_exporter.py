@@ -131,7 +131,7 @@ def test_conv_bn_pairs_follow_the_data_flow():
 
 def test_distq_export_prints_the_size_and_ratio(run_distq, tiny_run, tmp_path):
     out = tmp_path / "tiny.safetensors"
-    proc = run_distq("export", tiny_run / "checkpoints" / "last.pt", "--out", out)
+    proc = run_distq("export", tiny_run, "--out", out)
     assert proc.returncode == 0, proc.stderr
     found = re.search(r"exported \S+: ([\d,]+) bytes, ([\d.]+) of the float32 model's ([\d,]+)", proc.stdout)
     size, fraction, float32 = int(found.group(1).replace(",", "")), float(found.group(2)), int(found.group(3).replace(",", ""))
@@ -145,5 +145,5 @@ def test_distq_export_of_a_missing_checkpoint_is_one_line(run_distq, tmp_path):
     proc = run_distq("export", tmp_path / "none.pt", "--out", tmp_path / "x.safetensors")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"distq: error: checkpoint '{tmp_path / 'none.pt'}' not found: pass a file written by 'distq train' (RUN_DIR/checkpoints/last.pt)"
+        f"distq: error: checkpoint '{tmp_path / 'none.pt'}' not found: pass a run directory or a checkpoint written by 'distq train' (RUN_DIR/checkpoints/step_*)"
     ]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distq.config import config_from_dict
-from distq.dist.engine import TeamModule, TorchEngine
-from distq.dist.env import DistEnv
+from distq.distributed.engine import TeamModule, TorchEngine
+from distq.distributed.env import DistEnv
 from distq.quant import QAct, QConv2d
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -47,7 +47,7 @@ def exported_model(tmp_path_factory, run_distq, tiny_args):
                 args = tiny_args(run_dir, *TINY, *RECIPES[name])
             proc = run_distq(*args, timeout=3600)
             assert proc.returncode == 0, proc.stderr
-            checkpoint, out = run_dir / "checkpoints" / "last.pt", run_dir / "model.safetensors"
+            checkpoint, out = run_dir, run_dir / "model.safetensors"
             proc = run_distq("export", checkpoint, "--out", out)
             assert proc.returncode == 0, proc.stderr
             made[key] = (str(checkpoint), str(out))

@@ -17,13 +17,13 @@ from distq.cli import main
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, run_distq, tiny_run):
     out = tmp_path_factory.mktemp("export") / "tiny.safetensors"
-    proc = run_distq("export", tiny_run / "checkpoints" / "last.pt", "--out", out)
+    proc = run_distq("export", tiny_run, "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
 
 
 def test_eval_int_matches_eval_float_on_the_val_split(run_distq, tiny_run, exported):
-    float_proc = run_distq("eval", tiny_run / "checkpoints" / "last.pt")
+    float_proc = run_distq("eval", tiny_run)
     int_proc = run_distq("eval", "--engine", "int", exported)
     assert float_proc.returncode == 0 and int_proc.returncode == 0, int_proc.stderr + float_proc.stderr
     fp, it = json.loads(float_proc.stdout.splitlines()[-1]), json.loads(int_proc.stdout.splitlines()[-1])
@@ -64,7 +64,7 @@ def test_corrupt_export_is_one_error_line(exported, tmp_path, capsys):
 
 
 def test_eval_int_on_a_checkpoint_says_it_is_not_an_export(tiny_run, capsys):
-    checkpoint = tiny_run / "checkpoints" / "last.pt"
+    checkpoint = tiny_run / "checkpoints" / "step_00000022" / "state.pt"
     assert main(["eval", "--engine", "int", str(checkpoint)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and f"export file '{checkpoint}' is truncated or not a distq export" in err[0]

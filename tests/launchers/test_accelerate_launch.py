@@ -148,7 +148,7 @@ def test_two_machines_on_localhost_train_together(tmp_path, digits_root, distq_c
     assert (results["world_size"], results["epochs"], results["steps"]) == (2, 1, 5)
     assert '"world_size": 2' in logs[0] and "epoch 1/1" not in logs[1]  # rank 0 (machine 0) reports
     # The accuracy both ranks measured on their halves of the val set is the saved model's.
-    alone = run_distq("eval", run_dir / "checkpoints" / "last.pt")
+    alone = run_distq("eval", run_dir)
     assert alone.returncode == 0, alone.stderr
     assert json.loads(alone.stdout.splitlines()[-1])["val/top1"] == results["val/top1"]
 

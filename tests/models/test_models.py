@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from distq.checkpoint import CheckpointError
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.models import build_float_model, model_names, quantize_model
 from distq.models.build import build_model, load_float_weights
 from distq.quant.layers import QAct, QConv2d, QLinear, quant_layers
-from distq.train.checkpoint import CheckpointError
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "alexnet"]
 # The layers METHODS.md keeps full precision: first conv, last linear, activation before pooling.

@@ -8,6 +8,7 @@ would miss them): torchrun must survive it, distq must checkpoint, and node.sh m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distq.train.checkpoint import load_checkpoint
+from distq.checkpoint import load_state as load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_SH = REPO_ROOT / "slurm" / "node.sh"
@@ -59,7 +60,7 @@ def test_usr1_to_the_whole_step_checkpoints_and_exits_3(tmp_path, digits_root, d
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        last = run_dir / "checkpoints" / "last.pt"
+        last = run_dir / "checkpoints" / "latest.json"
         assert poll(lambda: last.exists() or node.poll() is not None, timeout=300, interval=0.1)
         assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
         everyone = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
@@ -76,9 +77,9 @@ def test_usr1_to_the_whole_step_checkpoints_and_exits_3(tmp_path, digits_root, d
     assert text.count("distq: stopped by signal at epoch") >= 1, text[-3000:]
     assert f"node.sh: {launcher} exited 1; distq checkpointed" in text  # the launcher outlived USR1 (else 138)
     assert not starter.is_running()
-    state = load_checkpoint(last)
-    assert state["batch"] > 0 and state["world_size"] == 2  # the mid-epoch checkpoint of the signal
-    assert (run_dir / "checkpoints" / "deepspeed" / "latest").read_text().strip().endswith(f"_batch_{state['batch']:06d}")
+    state = load_checkpoint(run_dir)
+    assert state["step"] % 11 and state["world_size"] == 2  # the mid-epoch checkpoint of the signal
+    assert json.loads(last.read_text())["tag"] == f"step_{state['step']:08d}"
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has GPUs")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distq.train.checkpoint import load_checkpoint
+from distq.checkpoint import load_state as load_checkpoint
 from distq.train.trainer import MEASURED_KEYS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1800)]

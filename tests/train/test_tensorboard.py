@@ -80,11 +80,10 @@ def test_results_json_and_checkpoints(tiny_run, events):
     assert results["train_images_per_s"] == pytest.approx(speed[-1][1], rel=1e-3)
     assert results["train_images_per_s"] > STEPS_PER_EPOCH * 128 * EPOCHS / results["wall_time_s"]
     assert "max_memory_gib" not in results  # CPU run: no GPU memory to report
-    assert all("train_images_per_s" not in h for h in torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)["history"])
-
     checkpoints = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
-    assert checkpoints == ["epoch_0002.pt", "last.pt"]  # run.keep_checkpoints=1 by default
-    state = torch.load(tiny_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoints == ["latest.json", "step_00000011", "step_00000022"]  # run.keep_checkpoints=2 by default
+    state = torch.load(tiny_run / "checkpoints" / "step_00000022" / "state.pt", map_location="cpu", weights_only=True)
+    assert all("train_images_per_s" not in h for h in state["history"])
     assert (state["epoch"], state["step"]) == (EPOCHS, EPOCHS * STEPS_PER_EPOCH)
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert state["history"][-1]["val/top1"] == results["val/top1"]

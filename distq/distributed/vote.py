@@ -7,7 +7,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from distq.dist.env import DistEnv
+from distq.distributed.env import DistEnv
 
 
 class RankVote:

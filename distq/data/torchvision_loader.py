@@ -1,0 +1,106 @@
+"""The torchvision train/val loaders (``data.loader=torchvision``): ImageFolder + DataLoader.
+
+Data order comes from ``distq.data.order`` (a pure function of seed, epoch and batch
+layout), and each sample's augmentation from the RNG seeded with (seed, epoch, index), so it
+does not depend on the worker count, the number of processes or where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from distq.config.schema import DataConfig
+from distq.data.bundle import DataBundle, check_layout_fits, checked_class_names, resolve_root, sample_seed
+from distq.data.folder import image_folder
+from distq.data.order import BatchLayout, rank_samples, steps_per_epoch
+from distq.data.transforms import train_transform, val_transform
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r takes indices r, r + world, ... : every image exactly once over all ranks."""
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SeededSamples(Dataset):
+    """``(image, label, index)`` with the augmentation drawn from the RNG seeded with (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        # The CPU generator only: torch.manual_seed also queues a lazy CUDA seed with a captured
+        # stack trace on every call, which doubled the digits' loading time on a CPU machine.
+        torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's samples of the epoch (``order.rank_samples``), from ``start_step`` on."""
+
+    def __init__(self, num_samples: int, seed: int, layout: BatchLayout, rank: int):
+        self.num_samples, self.seed, self.layout, self.rank = num_samples, seed, layout, rank
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self):
+        return iter(rank_samples(self.num_samples, self.seed, self.epoch, self.layout, self.rank, self.start_step))
+
+    def __len__(self) -> int:
+        steps = steps_per_epoch(self.num_samples, self.layout.global_batch) - self.start_step
+        return steps * self.layout.grad_accum * self.layout.micro_batch
+
+
+class TorchvisionTrainLoader:
+    """``(images, labels, indices)`` micro-batches of one epoch per ``iter()``."""
+
+    def __init__(self, samples: SeededSamples, sampler: EpochSampler, cfg: DataConfig):
+        self.samples, self.sampler = samples, sampler
+        self.loader = DataLoader(
+            samples,
+            batch_size=sampler.layout.micro_batch,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.samples.epoch = epoch
+        self.sampler.set_epoch(epoch, start_step)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_val_loader(cfg: DataConfig, root, rank: int = 0, world: int = 1) -> DataLoader:
+    val_set = image_folder(root, "val", val_transform(cfg.image_size, cfg.val_crop_ratio))
+    return DataLoader(val_set, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_set), rank, world), num_workers=cfg.workers)
+
+
+def build_torchvision_loaders(cfg: DataConfig, seed: int, layout: BatchLayout, rank: int = 0) -> DataBundle:
+    root = resolve_root(cfg)
+    classes = checked_class_names(root)
+    samples = SeededSamples(image_folder(root, "train", train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip)), seed)
+    check_layout_fits(len(samples), layout.global_batch, root / "train")
+    train = TorchvisionTrainLoader(samples, EpochSampler(len(samples), seed, layout, rank), cfg)
+    return DataBundle(train=train, val=build_val_loader(cfg, root, rank, layout.world), classes=classes, root=root)
