@@ -6,8 +6,10 @@
 # Why: the launchers report any failed worker as their own status 1, but the requeue decision
 # needs distq's status (3 = checkpointed on SIGUSR1, requeue me). node.sh reads these files.
 if [ -z "${RANK:-}" ] && [ -n "${SLURM_PROCID:-}" ]; then
-    # Started by srun: the rank is the task's. A task that sees one GPU (--gpus-per-task=1)
-    # has it as its device 0.
+    # Started by srun: the rank is the task's. SLURM signals every process of the step: this
+    # shell ignores SIGUSR1 (distq, its child, installs its own handler and checkpoints). A task
+    # that sees one GPU (--gpus-per-task=1) has it as its device 0.
+    trap '' USR1
     export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS
     export MASTER_ADDR=${DISTQ_MASTER_ADDR:?} MASTER_PORT=${DISTQ_MASTER_PORT:?}
     visible=${CUDA_VISIBLE_DEVICES:-}

@@ -57,21 +57,24 @@ def merge(shards: list[Fragments], source: str) -> dict[str, dict[str, torch.Ten
 
     CheckpointError if a parameter's fragments do not cover it exactly once."""
     merged: dict[str, dict[str, torch.Tensor]] = {}
-    covered: dict[str, torch.Tensor] = {}
+    covered: dict[str, list[tuple[int, int]]] = {}
+    numels: dict[str, int] = {}
     for shard in shards:
         for name, frag in shard.items():
             numel, start = frag["numel"], frag["start"]
             entry = merged.setdefault(name, {})
             for key, values in frag["tensors"].items():
-                whole = entry.setdefault(key, torch.zeros(numel, dtype=values.dtype))
-                whole[start : start + values.numel()] = values
+                if key not in entry:  # (not setdefault: it would allocate on every call)
+                    entry[key] = torch.zeros(numel, dtype=values.dtype)
+                entry[key][start : start + values.numel()] = values
             if frag["tensors"]:
-                length = next(iter(frag["tensors"].values())).numel()
-                covered.setdefault(name, torch.zeros(numel, dtype=torch.int32))[start : start + length] += 1
+                covered.setdefault(name, []).append((start, start + next(iter(frag["tensors"].values())).numel()))
+                numels[name] = numel
             for key, value in frag["scalars"].items():
                 entry.setdefault(key, value)
-    for name, count in covered.items():
-        if not bool((count == 1).all()):
+    for name, ranges in covered.items():
+        ends = [0] + [end for _, end in sorted(ranges)]
+        if [start for start, _ in sorted(ranges)] != ends[:-1] or ends[-1] != numels[name]:
             raise CheckpointError(f"{source}: the optimizer state of {name} is not covered exactly once by the ranks' shards")
     return merged
 

@@ -298,7 +298,9 @@ class DeepSpeedEngine(Engine):
                 here, there = frag.hp_fragment_address, frag.lp_fragment_address
                 for key, value in entry.items():
                     if value.dim():
-                        flat = state.setdefault(key, torch.zeros_like(partition))
+                        if key not in state:
+                            state[key] = torch.zeros_like(partition)
+                        flat = state[key]
                         flat.narrow(0, here.start, here.numel).copy_(value.narrow(0, there.start, there.numel))
                     else:
                         state.setdefault(key, value.clone())

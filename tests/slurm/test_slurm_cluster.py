@@ -122,9 +122,9 @@ def test_sbatch_trains_with_two_processes(uninterrupted):
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_env, uninterrupted, tmp_path, distq_cache, delivery):
     reference, _ = uninterrupted
     job = train_job(slurm_env, tmp_path / "signalled", distq_cache)
-    last = job.folder / "run" / "checkpoints" / "last.pt"
+    checkpoints = job.folder / "run" / "checkpoints"
     deadline = time.monotonic() + 600
-    while not last.exists():  # the first epoch's checkpoint: training is under way
+    while not (checkpoints / "latest.json").exists():  # the first epoch's checkpoint: training is under way
         assert job.info()["JobState"] in {"PENDING", "CONFIGURING", "RUNNING"}, job.tail()
         assert time.monotonic() < deadline, job.tail()
         time.sleep(0.1)
@@ -144,12 +144,13 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_env, uni
     assert job.exits() == ["restart=0 exit=3 requeued", "restart=1 exit=0"]
     log = job.log.read_text()
     assert ("train.sbatch: SIGUSR1: asking the training processes to checkpoint" in log) == ("--full" in delivery)
-    stopped = re.search(r"distq: stopped by signal at epoch (\d+), batch (\d+)", log)
-    resumed = re.search(rf"resumed from {re.escape(str(last))} at epoch (\d+), batch (\d+), step (\d+)", log)
+    stopped = re.search(r"distq: stopped by signal at epoch (\d+), step (\d+) \((\d+) of 11 in the epoch\)", log)
+    resumed = re.search(r"resumed from (\S+) at epoch (\d+), step (\d+) \((\d+) of 11 steps into epoch (\d+)\)", log)
     assert stopped and resumed, log[-4000:]
     # A mid-epoch checkpoint (the signal came in epoch 2 or 3) and a resume from exactly there.
-    assert int(stopped[1]) in (2, 3) and int(stopped[2]) > 0
-    assert (int(resumed[1]), int(resumed[2])) == (int(stopped[1]) - 1, int(stopped[2]))
+    assert int(stopped[1]) in (2, 3) and 0 < int(stopped[3]) < 11
+    assert resumed[1] == str(checkpoints / f"step_{int(stopped[2]):08d}")
+    assert (int(resumed[3]), int(resumed[5])) == (int(stopped[2]), int(stopped[1]))
 
     want = json.loads((reference.folder / "run" / "results.json").read_text())
     got = json.loads((job.folder / "run" / "results.json").read_text())
@@ -157,8 +158,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_env, uni
         for key in MEASURED_KEYS:
             results.pop(key, None)
     assert got == want
-    final = load_checkpoint(last)
-    expected = load_checkpoint(reference.folder / "run" / "checkpoints" / "last.pt")
+    final = load_checkpoint(job.folder / "run")
+    expected = load_checkpoint(reference.folder / "run")
     assert final["history"] == expected["history"]
     weights = {k: v for k, v in expected["models"]["model"].items() if isinstance(v, torch.Tensor)}
     assert len(weights) > 50
@@ -185,3 +186,44 @@ def test_sweep_array_trains_one_config_per_index(slurm_env, tmp_path, digits_roo
         assert (results["world_size"], results["epochs"]) == (1, 1)
     assert "seed: 3" in (tmp_path / "runs" / "01-digits_fp" / "config.yaml").read_text()
     assert job.exits() == ["restart=0 exit=0"] * 2
+
+
+def test_a_job_requeued_with_fewer_tasks_resumes_on_them(slurm_env, tmp_path, digits_root, distq_cache):
+    """LAUNCHER=srun (one task per training process): the default digits job on 2 tasks gets
+    SIGUSR1 after its epoch-7 checkpoint, requeues itself, is given 1 task while it waits, and
+    finishes on 1 process with the same global batch, every sample once per epoch, >= 96%."""
+    run_dir = tmp_path / "run"
+    env = {
+        "DISTQ_CACHE": str(distq_cache),
+        "DISTQ_CONFIG": "configs/digits_w4a4.yaml",
+        "DISTQ_OVERRIDES": f"data.batch_size=32 data.workers=0 log.progress=false log.samples=true run.dir={run_dir}",
+        "LAUNCHER": "srun",
+    }
+    job = Job(slurm_env, tmp_path, "slurm/train.sbatch", env, "--ntasks=2", "--cpus-per-task=1", "--job-name=distq-srun")
+    latest = run_dir / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 1200
+    while not (latest.exists() and json.loads(latest.read_text())["meta"]["epoch"] >= 7):
+        assert job.info()["JobState"] in {"PENDING", "CONFIGURING", "RUNNING"}, job.tail()
+        assert time.monotonic() < deadline, job.tail()
+        time.sleep(0.5)
+    assert job.command("scancel", "--signal=USR1", job.id).returncode == 0
+    deadline = time.monotonic() + 300
+    while (info := job.info())["Restarts"] == "0":
+        assert info["JobState"] not in ENDED, f"the job ended instead of requeueing itself:\n{job.tail()}"
+        assert time.monotonic() < deadline, job.tail()
+        time.sleep(0.5)
+    updated = job.command("scontrol", "update", f"JobId={job.id}", "NumTasks=1", "NumCPUs=1")
+    assert updated.returncode == 0, updated.stderr
+    info = job.wait(timeout=1800)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), job.tail()
+    log = job.log.read_text()
+    assert "train.sbatch: srun starts 2 training process(es), one per task" in log
+    assert "train.sbatch: srun starts 1 training process(es), one per task" in log
+    assert "written by 2 process(es), now 32 images per process x 2 accumulation steps x 1 process, global batch 64 kept" in log
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["epochs"], results["world_size"]) == (15, 1)
+    assert results["val/top1"] >= 96.0, results
+    from distq.train.sample_log import read_sample_log
+
+    for epoch, used in read_sample_log(run_dir).items():
+        assert len(used) == len(set(used)) == 22 * 64, epoch
