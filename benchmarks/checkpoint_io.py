@@ -83,11 +83,11 @@ def one_step(trainer: Trainer) -> None:
 def resume_in_another_process(run_dir: Path, data: Path, optimizer: str) -> float:
     """distq's resume of the 2-process checkpoint on 1 process, in a fresh interpreter."""
     code = (
-        "import sys, time; sys.path.insert(0, %r)\n"
+        f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
         "from benchmarks.checkpoint_io import config\nfrom distq.train.trainer import Trainer\nfrom pathlib import Path\n"
-        "t = Trainer(config(Path(%r), Path(%r), %r), resume='auto')\n"
+        f"t = Trainer(config(Path({str(run_dir)!r}), Path({str(data)!r}), {optimizer!r}), resume='auto')\n"
         "start = time.perf_counter(); t.found = t.checkpoints.find('auto'); t.resume(); print(time.perf_counter() - start)\n"
-    ) % (str(REPO), str(run_dir), str(data), optimizer)
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
@@ -123,7 +123,6 @@ def main() -> None:
         again.resume()
 
     rows["distq: resume on 2 processes"] = {"seconds": statistics.median(timed(trainer, distq_resume) for _ in range(args.rounds))}
-    del again
     if rank == 0:
         rows["distq: resume on 1 process"] = {"seconds": statistics.median(resume_in_another_process(run_dir, data, args.optimizer) for _ in range(args.rounds))}
 

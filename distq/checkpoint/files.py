@@ -47,13 +47,33 @@ def atomic_write(path: Path, write) -> None:
     fsync_dir(path.parent)
 
 
+class _Hashing(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it on the way to ``f``."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
 def save_tensors(obj, path: Path) -> FileRecord:
-    """``torch.save(obj)`` to ``path`` atomically; returns the file's size and sha256."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getbuffer()
-    atomic_write(path, lambda f: f.write(data))
-    return FileRecord(len(data), hashlib.sha256(data).hexdigest())
+    """``torch.save(obj)`` to ``path`` atomically; returns the file's size and sha256 (computed
+    while writing: no second pass over the bytes)."""
+    written: list[_Hashing] = []
+
+    def write(f):
+        hashing = _Hashing(f)
+        torch.save(obj, hashing)
+        written.append(hashing)
+
+    atomic_write(path, write)
+    return FileRecord(written[0].size, written[0].digest.hexdigest())
 
 
 def file_record(path: Path) -> FileRecord:
