@@ -13,8 +13,8 @@ EPILOG = """examples:
   distq train configs/digits_w4a4.yaml
   distq train configs/digits_w4a4.yaml train.epochs=5 run.dir=runs/quick
   distq train configs/digits_w4a4.yaml --resume auto
-  distq eval runs/digits_w4a4/checkpoints/last.pt
-  distq export runs/digits_w4a4/checkpoints/last.pt --out w4a4.safetensors
+  distq eval runs/digits_w4a4
+  distq export runs/digits_w4a4 --out w4a4.safetensors
   distq eval --engine int w4a4.safetensors
   distq predict w4a4.safetensors image.jpg
 """
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         metavar="auto|PATH",
-        help="'auto': continue from run.dir's last checkpoint if there is one; or a checkpoint path",
+        help="'auto': continue from run.dir's newest complete checkpoint if there is one (on any number of processes); "
+        "or a run directory or checkpoint folder (RUN_DIR/checkpoints/step_*)",
     )
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     train.set_defaults(func=_train)
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_plan)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the validation split", description="Evaluate a checkpoint.")
-    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by distq train")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint folder written by distq train")
     ev.add_argument("--data", metavar="ROOT", help="ImageNet-layout folder (default: the one the run was trained on)")
     ev.add_argument(
         "--engine",

@@ -18,7 +18,7 @@ def add_commands(sub) -> None:
         description="Export a trained checkpoint for the integer engine: quantized weights packed at their "
         "bit-widths, scales, folded batch-norm, the architecture and the class names.",
     )
-    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by distq train")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint folder written by distq train")
     export.add_argument("--out", required=True, metavar="FILE", help="the export file to write (safetensors with a distq header)")
     export.add_argument("--model", metavar="NAME", help="which model of the checkpoint (default: 'model', or its only one)")
     export.set_defaults(func=_export)
