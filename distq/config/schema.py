@@ -181,6 +181,11 @@ class DistConfig:
     """Process-group backend; null: nccl with CUDA, gloo otherwise."""
     timeout_s: int = 300
     """Collective timeout: a dead or hung rank makes the job fail after this long instead of hanging."""
+    sync_bn: bool = False
+    """Synchronised batch-norm: every BatchNorm of guide and students normalises with the statistics of
+    the global batch (all ranks' micro-batches), so N processes train the network one process would
+    with the same global batch, and every rank has the same running statistics. Costs two small
+    all-reduces per BatchNorm layer per step; no effect on one process."""
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2):

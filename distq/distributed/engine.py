@@ -32,6 +32,7 @@ from distq.checkpoint.optimizer_state import (
 from distq.config.schema import DistConfig, TrainConfig
 from distq.data.order import BatchLayout
 from distq.distributed.env import DistEnv, detect
+from distq.distributed.sync_bn import convert_sync_batchnorm
 from distq.distributed.vote import RankVote
 from distq.errors import DistqError
 
@@ -190,6 +191,8 @@ class TorchEngine(Engine):
     def __init__(self, team: TeamModule, optimizer: torch.optim.Optimizer, train: TrainConfig, cfg: DistConfig, env: DistEnv, layout: BatchLayout):
         self._place(env, cfg)
         self.train_cfg, self.layout = train, layout
+        if cfg.sync_bn:
+            convert_sync_batchnorm(team, self.device)  # one process: the same arithmetic as on many
         self.team = team.to(self.device)
         self.optimizer = optimizer
         self.vote = RankVote(env, cfg.timeout_s)
@@ -235,15 +238,18 @@ class DeepSpeedEngine(Engine):
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
+            # Always explicit: DeepSpeed 0.19 clips at a norm of 1.0 unless told otherwise, which
+            # made every multi-process run train differently from the one-process run.
+            "gradient_clipping": train.grad_clip or 0.0,
         }
-        if train.grad_clip is not None:
-            ds_config["gradient_clipping"] = train.grad_clip
         if not dist.is_initialized():
             deepspeed.init_distributed(
                 dist_backend=cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                 timeout=datetime.timedelta(seconds=cfg.timeout_s),
             )
         _give_deepspeed_the_timeout(cfg.timeout_s)
+        if cfg.sync_bn:
+            convert_sync_batchnorm(team, self.device)  # keeps the Parameter objects the optimizer holds
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=team.to(self.device), optimizer=optimizer, config=ds_config)
         self.team = self.engine.module
         self.layout = layout
