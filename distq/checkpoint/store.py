@@ -11,8 +11,9 @@ Layout of ``RUN_DIR/checkpoints``::
 
 Writing: every rank writes its files, rank 0 collects their records, writes the tag's
 manifest and then ``latest.json`` (both atomically), and only then deletes older
-checkpoints. Reading: ``latest.json``'s checkpoint if all its files are there with the
-recorded sizes and checksums, else the newest older one that is, said in one line.
+checkpoints. Reading: the newest committed checkpoint (``latest.json``'s, or a newer one whose
+manifest was written just before a crash) whose files are all there with the recorded sizes
+and checksums; any newer one that is not is passed over, said in one line.
 """
 
 from __future__ import annotations
@@ -129,8 +130,10 @@ class CheckpointStore:
                 candidates.append(read_manifest(latest))
             except (OSError, ValueError, TypeError) as exc:
                 skipped.append(f"{latest} is unreadable ({exc})")
-        newest_first = sorted(self._committed(), key=lambda m: m.step, reverse=True)
-        candidates += [m for m in newest_first if m.tag not in {c.tag for c in candidates}]
+        # Newest first: a checkpoint whose manifest is written is complete even if latest.json
+        # (written just after) does not name it yet.
+        candidates += [m for m in self._committed() if m.tag not in {c.tag for c in candidates}]
+        candidates.sort(key=lambda m: m.step, reverse=True)
         best_step = max((m.step for m in candidates), default=-1)
         for folder in self._tag_folders():
             if not (folder / MANIFEST).exists() and _step_of(folder.name) > best_step:

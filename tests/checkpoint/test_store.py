@@ -138,3 +138,12 @@ def test_an_older_single_file_checkpoint_is_not_silently_restarted(store):
     with pytest.raises(CheckpointError, match="holds a checkpoint of an older distq"):
         store.find()
     assert load_state(store.root / "last.pt")["format"] == 1  # eval and export still read it
+
+
+def test_a_manifest_written_just_before_a_crash_counts_even_if_latest_lags(store):
+    write_checkpoint(store, 10)
+    latest = (store.root / LATEST).read_text()
+    write_checkpoint(store, 20)
+    (store.root / LATEST).write_text(latest)  # killed between the tag's manifest and latest.json
+    found = store.find()
+    assert found.folder.name == tag_for(20) and found.skipped == []
