@@ -29,8 +29,9 @@ from distq.config import config_from_dict
 from distq.data.order import BatchLayout
 from distq.distributed.engine import TeamModule, TorchEngine
 from distq.distributed.env import DistEnv
+from distq.models.team import build_team
 from distq.train.optim import build_optimizer, param_groups
-from distq.train.team import build_objective, build_team
+from distq.train.team import build_objective
 from distq.train.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

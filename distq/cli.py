@@ -53,7 +53,7 @@ def _plan(args) -> int:
     from distq.plan import plan_lines
 
     cfg = load_config(args.config, args.overrides)
-    print("\n".join(plan_lines(cfg, train_images=args.train_images, world_size=args.world_size)))
+    print("\n".join(plan_lines(cfg, train_images=args.train_images, world_size=args.world_size, every_step=args.every_step)))
     return 0
 
 
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
     plan.add_argument("--train-images", type=int, help="training-set size (default: counted, or ImageNet-1k's if data.root is absent)")
     plan.add_argument("--world-size", type=int, default=1, help="data-parallel processes (steps per epoch shrink with it)")
+    plan.add_argument("--every-step", action="store_true", help="one row per optimizer step instead of per epoch")
     plan.set_defaults(func=_plan)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the validation split", description="Evaluate a checkpoint.")
@@ -107,9 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parser.parse_args``, but KEY=VALUE overrides may also follow options
+    (``distq train CFG --resume auto run.dir=X``): argparse stops filling a positional list at
+    the first option, and hands what follows back as unknown arguments."""
+    args, rest = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [item for item in rest if not takes_overrides or item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides += rest
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

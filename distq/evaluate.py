@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
-from distq.checkpoint import load_state as load_checkpoint
-from distq.checkpoint import load_weights
-from distq.config import config_from_dict
 from distq.data import build_val_loader, class_names, resolve_root
 from distq.errors import DistqError
-from distq.models.build import build_model
+from distq.models.team import SINGLE
+from distq.models.trained import load_trained
 from distq.train.evaluation import evaluate
-from distq.train.team import SINGLE
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None) -> dict:
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
+    trained = load_trained(path)
+    cfg = trained.cfg
     if data_root is not None:
         cfg.data.root = data_root
     root = resolve_root(cfg.data)
     classes = class_names(root)
-    if classes != state["classes"]:
+    if classes != trained.classes:
         raise DistqError(
             f"dataset {str(root)!r} has classes {classes[:3]}... but checkpoint {path!r} was trained on "
-            f"{state['classes'][:3]}...: evaluate on a dataset with the same class folders"
+            f"{trained.classes[:3]}...: evaluate on a dataset with the same class folders"
         )
     loader = build_val_loader(cfg.data, root)
     results = {}
-    for name, weights in state["models"].items():
-        model = build_model(cfg.model, cfg.quant, len(classes))
-        load_weights(model, weights, f"checkpoint {path!r}")
-        metrics = evaluate(model, loader)
+    for name in trained.names:
+        metrics = evaluate(trained.model(name), loader)
         prefix = "val" if name == SINGLE else f"val/{name}"
         results.update({f"{prefix}/top1": metrics["top1"], f"{prefix}/top5": metrics["top5"]})
     return results

@@ -158,6 +158,8 @@ def test_eval_of_a_good_checkpoint_reproduces_the_final_accuracy(outcomes, input
         (["train", CONFIG_PATH, "train.epochs"], r"override 'train\.epochs' is not of the form key=value"),
         (["eval", "/nonexistent/last.pt"], r"checkpoint '/nonexistent/last\.pt' not found"),
         (["train", CONFIG_PATH, "model.arch=alexnet", "model.width=32"], r"model\.width is only supported for ResNets"),
+        (["train", CONFIG_PATH, "model.arch=vgg16"], r"model\.arch='vgg16' is unknown: use one of alexnet, resnet18, resnet34, resnet50"),
+        (["plan", CONFIG_PATH, "model.arch=vgg16"], r"model\.arch='vgg16' is unknown"),
     ],
 )
 def test_main_reports_errors_in_process(argv, pattern, capsys, digits_root, monkeypatch):

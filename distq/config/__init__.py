@@ -55,7 +55,8 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def describe_keys(cls: type = DistqConfig, prefix: str = "") -> list[str]:
-    """One line per config key: ``key = default  # meaning``."""
+    """One line per config key: ``key = default  # meaning``; the keys of a list of sections
+    (``guided.students``) follow it as ``key[].subkey``."""
     lines = []
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
@@ -74,6 +75,8 @@ def describe_keys(cls: type = DistqConfig, prefix: str = "") -> list[str]:
             default = repr(f.default_factory())
         else:
             default = "(required)"
-        doc = docs.get(f.name, "")
-        lines.append(f"{key} = {default}" + (f"  # {doc}" if doc else ""))
+        lines.append(f"{key} = {default}  # {docs.get(f.name, '')}".rstrip("# "))
+        items = typing.get_args(hints[f.name])
+        if typing.get_origin(hints[f.name]) is list and items and dataclasses.is_dataclass(items[0]):
+            lines.extend(describe_keys(items[0], key + "[]."))
     return lines

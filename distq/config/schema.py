@@ -1,7 +1,12 @@
 """The config: one small dataclass per component, validated on construction.
 
-Every field has its default here and nowhere else. ``DistqConfig`` is the whole file;
-``distq train --help-config`` prints every key with its default and meaning.
+Every field has its default here (or in the section's own file: ``precision.py``, ``guided.py``)
+and nowhere else. ``DistqConfig`` is the whole file; ``distq train --help-config`` prints every
+key with its default and meaning.
+
+A section checks its own values. Checks that need another layer of distq happen where that
+layer builds from the config: the model registry rejects an unknown ``model.arch``, and each
+precision policy checks its schedule against the run (``distq.controller.policies``).
 """
 
 from __future__ import annotations
@@ -9,17 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from distq.quant.functional import VALID_BITS
+from distq.config.checks import check_positive
+from distq.config.guided import GuidedConfig, HintConfig, StudentConfig
+from distq.config.precision import PrecisionConfig
+from distq.quant.functional import FULL_PRECISION, check_bits
 
-
-def _check_bits(key: str, value: int) -> None:
-    if value not in VALID_BITS:
-        raise ValueError(f"{key}={value} is not a valid bit-width: use 1..8, or 32 for full precision")
-
-
-def _check_positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{key}={value} must be > 0")
+__all__ = [
+    "DataConfig", "DistConfig", "DistqConfig", "GuidedConfig", "HintConfig", "LogConfig", "ModelConfig",
+    "PrecisionConfig", "QuantConfig", "RunConfig", "StudentConfig", "TrainConfig",
+]
 
 
 @dataclass(kw_only=True)
@@ -39,13 +42,13 @@ class RunConfig:
         if self.keep_checkpoints < 1:
             raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 1 (the checkpoint to resume from)")
         if self.save_every_steps is not None:
-            _check_positive("run.save_every_steps", self.save_every_steps)
+            check_positive("run.save_every_steps", self.save_every_steps)
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     arch: str = "resnet18"
-    """Registered architecture: resnet18, resnet34, resnet50 or alexnet."""
+    """Registered architecture: resnet18, resnet34, resnet50 or alexnet (checked by the model registry)."""
     width: int = 64
     """Base width of a ResNet (torchvision: 64)."""
     small_input: bool = False
@@ -56,21 +59,21 @@ class ModelConfig:
     """Path of a full-precision state_dict file (e.g. torchvision's) to start from."""
 
     def __post_init__(self):
-        from distq.models import model_names
-
-        if self.arch not in model_names():
-            raise ValueError(f"model.arch={self.arch!r} is unknown: use one of {', '.join(model_names())}")
-        _check_positive("model.width", self.width)
+        if not self.arch:
+            raise ValueError("model.arch is empty: name an architecture, e.g. resnet18")
+        check_positive("model.width", self.width)
         if self.num_classes is not None:
-            _check_positive("model.num_classes", self.num_classes)
+            check_positive("model.num_classes", self.num_classes)
 
 
 @dataclass(kw_only=True)
 class QuantConfig:
     w_bits: int = 32
-    """Weight bit-width of quantized layers: 1..8, or 32 for full precision."""
+    """Weight bit-width of quantized layers: 1..8, or 32 for full precision. Guided runs: the students'
+    default (guided.students[].w_bits)."""
     a_bits: int = 32
-    """Activation bit-width of quantized layers: 1..8, or 32 for full precision."""
+    """Activation bit-width of quantized layers: 1..8, or 32 for full precision. Guided runs: the
+    students' default (guided.students[].a_bits)."""
     method: Literal["dorefa", "aqe"] = "dorefa"
     """dorefa: DoReFa quantizers with STE; aqe: the asymptotic-quantized estimator."""
     per_channel: bool = False
@@ -83,8 +86,8 @@ class QuantConfig:
     """Keep the activation feeding the final pooling full precision."""
 
     def __post_init__(self):
-        _check_bits("quant.w_bits", self.w_bits)
-        _check_bits("quant.a_bits", self.a_bits)
+        check_bits(self.w_bits, "quant.w_bits")
+        check_bits(self.a_bits, "quant.a_bits")
 
 
 @dataclass(kw_only=True)
@@ -108,8 +111,8 @@ class DataConfig:
     """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops."""
 
     def __post_init__(self):
-        _check_positive("data.image_size", self.image_size)
-        _check_positive("data.batch_size", self.batch_size)
+        check_positive("data.image_size", self.image_size)
+        check_positive("data.batch_size", self.batch_size)
         if self.workers < 0:
             raise ValueError(f"data.workers={self.workers} must be >= 0")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -123,20 +126,25 @@ class TrainConfig:
     epochs: int = 90
     """Training epochs."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    """sgd: SGD with momentum (Nesterov unless nesterov=false); adamw: AdamW with betas (momentum, 0.999)."""
     lr: float = 0.1
     """Peak learning rate."""
     momentum: float = 0.9
     """SGD momentum (AdamW: beta1)."""
     nesterov: bool = True
+    """Nesterov momentum for SGD (ignored by AdamW, and when momentum is 0)."""
     weight_decay: float = 1e-4
+    """Weight decay of conv and linear weights; biases and batch-norm parameters are never decayed."""
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     """Learning-rate schedule over the whole run."""
     milestones: list[int] = field(default_factory=list)
     """Epochs at which multistep multiplies the learning rate by gamma."""
     gamma: float = 0.1
+    """Factor multistep applies to the learning rate at each milestone."""
     warmup_epochs: float = 0.0
     """Linear warm-up from 0 over this many epochs."""
     label_smoothing: float = 0.0
+    """Label smoothing of every cross-entropy term (0: none)."""
     global_batch: int | None = None
     """Images per optimizer step over all processes, whatever their number: distq picks the
     gradient-accumulation steps (and, if it must, a micro-batch below data.batch_size) to reach it.
@@ -145,8 +153,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; null disables."""
 
     def __post_init__(self):
-        _check_positive("train.epochs", self.epochs)
-        _check_positive("train.lr", self.lr)
+        check_positive("train.epochs", self.epochs)
+        check_positive("train.lr", self.lr)
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("train.milestones is empty but train.schedule=multistep: give epochs, e.g. [30, 60]")
         bad = [m for m in self.milestones if not 0 < m < self.epochs]
@@ -157,9 +165,9 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.grad_clip is not None:
-            _check_positive("train.grad_clip", self.grad_clip)
+            check_positive("train.grad_clip", self.grad_clip)
         if self.global_batch is not None:
-            _check_positive("train.global_batch", self.global_batch)
+            check_positive("train.global_batch", self.global_batch)
 
 
 @dataclass(kw_only=True)
@@ -190,8 +198,8 @@ class DistConfig:
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"dist.zero_stage={self.zero_stage} must be 0, 1 or 2")
-        _check_positive("dist.grad_accum", self.grad_accum)
-        _check_positive("dist.timeout_s", self.timeout_s)
+        check_positive("dist.grad_accum", self.grad_accum)
+        check_positive("dist.timeout_s", self.timeout_s)
 
 
 @dataclass(kw_only=True)
@@ -199,6 +207,7 @@ class LogConfig:
     every_steps: int = 50
     """Write train/loss and lr to TensorBoard every this many steps."""
     tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tb."""
     progress: bool = True
     """Show a progress bar."""
     samples: bool = False
@@ -206,144 +215,7 @@ class LogConfig:
     (shows that resumes and changes of the process count use each sample once per epoch)."""
 
     def __post_init__(self):
-        _check_positive("log.every_steps", self.every_steps)
-
-
-Duration = str
-"""Training time: "30ep" (epochs), "2000ba" (optimizer steps) or "0.5dur" (fraction of the run)."""
-
-
-@dataclass(kw_only=True)
-class ProgressiveConfig:
-    """Progressive quantisation (PQ): bit-widths step down a sequence, e.g. 32 -> 8 -> 4 -> 2."""
-
-    w_bits: list[int] = field(default_factory=list)
-    """Weight bit sequence (non-increasing); empty leaves weights at quant.w_bits."""
-    a_bits: list[int] = field(default_factory=list)
-    """Activation bit sequence (non-increasing); empty leaves activations at quant.a_bits."""
-    stages: list[Duration] = field(default_factory=list)
-    """Length of every stage but the last (which runs to the end), e.g. ["10ep", "10ep", "10ep"]."""
-
-
-@dataclass(kw_only=True)
-class TwoStageConfig:
-    """Two-stage optimisation (TS): quantized weights with full-precision activations first."""
-
-    weights_only: Duration = "0.5dur"
-    """Length of the first stage; activations are quantized from then on."""
-
-
-@dataclass(kw_only=True)
-class StochasticConfig:
-    """Stochastic precision (SP): each step a random subset of units is quantized."""
-
-    p0: float = 0.5
-    """Probability that a unit is quantized at the start."""
-    ramp: Duration = "0.8dur"
-    """p rises linearly from p0 to 1 over this time; afterwards everything is quantized."""
-    unit: Literal["block", "layer"] = "block"
-    """The unit that is quantized or not as a whole: a residual block, or a single layer."""
-
-
-@dataclass(kw_only=True)
-class AqeScheduleConfig:
-    """AQE alpha schedule: alpha rises linearly from alpha0 (AQE == STE at 0.5) to 1."""
-
-    alpha0: float = 0.5
-    end: Duration = "1dur"
-    """Time at which alpha reaches 1 (the network is truly quantized from then on)."""
-
-
-@dataclass(kw_only=True)
-class AuxBranchConfig:
-    """Auxiliary full-precision branch per quantized conv, output LP(x) + f * FP(x)."""
-
-    decay: Literal["cosine", "step"] = "cosine"
-    """cosine: f falls from 1 to 0 between start and end; step: f halves every halve_every, 0 at end."""
-    start: Duration = "0ep"
-    end: Duration = "0.5dur"
-    """When f reaches 0 and the branch is removed."""
-    halve_every: Duration = "1ep"
-    """Step decay only: interval between halvings."""
-
-
-@dataclass(kw_only=True)
-class CyclicConfig:
-    """Cyclic training: per bit depth (start_bits down to the target, one bit per step),
-    `cycles` rounds of full-precision training then low-precision training."""
-
-    start_bits: int = 4
-    cycles: int = 2
-    fp_length: Duration = "1ep"
-    """Length of each full-precision phase."""
-    lp_length: Duration = "1ep"
-    """Length of each low-precision phase."""
-
-
-@dataclass(kw_only=True)
-class PrecisionConfig:
-    """The precision controller's policies; an absent (null) section is off."""
-
-    progressive: ProgressiveConfig | None = None
-    two_stage: TwoStageConfig | None = None
-    stochastic: StochasticConfig | None = None
-    aqe: AqeScheduleConfig | None = None
-    aux_branch: AuxBranchConfig | None = None
-    cyclic: CyclicConfig | None = None
-
-
-@dataclass(kw_only=True)
-class StudentConfig:
-    w_bits: int
-    a_bits: int
-    name: str | None = None
-    """Defaults to student_w{w_bits}a{a_bits}."""
-
-    def __post_init__(self):
-        _check_bits("guided.students[].w_bits", self.w_bits)
-        _check_bits("guided.students[].a_bits", self.a_bits)
-        if self.name is None:
-            self.name = f"student_w{self.w_bits}a{self.a_bits}"
-
-
-@dataclass(kw_only=True)
-class HintConfig:
-    layer: str
-    """Module name whose output features are matched (e.g. layer3)."""
-    weight: float = 1.0
-
-
-@dataclass(kw_only=True)
-class GuidedConfig:
-    """Guided training: a full-precision guide and low-precision students, mutual KD."""
-
-    students: list[StudentConfig] = field(default_factory=list)
-    temperature: float = 1.0
-    lambda_s: float = 1.0
-    """Student cross-entropy weight."""
-    lambda_sl: float = 0.5
-    """Student KL(guide || student) weight."""
-    lambda_g: float = 1.0
-    """Guide cross-entropy weight."""
-    lambda_gl: float = 0.5
-    """Guide KL(student || guide) weight, averaged over students."""
-    guide_lr: float | None = None
-    """Guide learning rate; null uses train.lr."""
-    student_lr: float | None = None
-    """Students' learning rate; null uses train.lr."""
-    guide_pretrained: str | None = None
-    """Full-precision state_dict file for the guide."""
-    students_from_guide: bool = True
-    """Initialise every student with the guide's weights."""
-    hint: HintConfig | None = None
-
-    def __post_init__(self):
-        if not self.students:
-            raise ValueError("guided.students is empty: a guided config needs at least one student, e.g. [{w_bits: 4, a_bits: 4}]")
-        names = [s.name for s in self.students]
-        if len(set(names)) != len(names):
-            raise ValueError(f"guided.students has duplicate names {names}: give each a distinct name")
-        _check_positive("guided.temperature", self.temperature)
+        check_positive("log.every_steps", self.every_steps)
 
 
 @dataclass(kw_only=True)
@@ -361,11 +233,28 @@ class DistqConfig:
     guided: GuidedConfig | None = None
 
     def __post_init__(self):
-        from distq.controller.validate import validate_precision
-
         if self.train.global_batch is not None and self.dist.grad_accum != 1:
             raise ValueError(
                 f"train.global_batch={self.train.global_batch} chooses the accumulation steps itself: "
                 f"remove dist.grad_accum={self.dist.grad_accum} (or train.global_batch)"
             )
-        validate_precision(self)
+        if self.guided is not None:
+            self._give_students_their_bits()
+
+    def _give_students_their_bits(self) -> None:
+        """In a guided run quant's bit-widths are the students' default; one that no student
+        trains at would be ignored, so it is refused instead."""
+        students = self.guided.students
+        for student in students:
+            student.take_default_bits(self.quant.w_bits, self.quant.a_bits)
+        self.guided.check_names()
+        for kind in ("w_bits", "a_bits"):
+            value = getattr(self.quant, kind)
+            used = sorted({getattr(s, kind) for s in students})
+            if value != FULL_PRECISION and value not in used:
+                raise ValueError(
+                    f"quant.{kind}={value} applies to no student: every entry of guided.students sets its own {kind} "
+                    f"({', '.join(map(str, used))}); set the students' bits in guided.students "
+                    f"(e.g. guided.students=[{{w_bits: {self.quant.w_bits}, a_bits: {self.quant.a_bits}}}]) "
+                    f"or leave {kind} out of them to use quant.{kind}"
+                )

@@ -1,70 +1,46 @@
-"""The precision controller: owns every schedule and applies it to the low-precision models.
+"""The precision controller: combines its policies' decisions into every student's bits and
+drives the students' models from the training loop's events.
 
-Its decisions are pure functions of (config, seed, step), so all data-parallel ranks
-agree without communication and a resumed run repeats exactly what the uninterrupted
-run did. The one piece of history, whether the auxiliary branches were removed, is
-kept in ``state_dict()``.
+Its decisions are pure functions of (config, seed, step), so all data-parallel ranks agree
+without communication, a resumed run repeats exactly what the uninterrupted run did, and
+``distq plan`` prints what training will do by asking the same object. The one piece of
+history, whether the auxiliary branches were removed, is kept in ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
-import torch
 import torch.nn as nn
 
-from distq.controller import schedules
-from distq.controller.aux_branch import AuxBranches
-from distq.controller.policies import AqeAlpha, AuxDecay, Event, Precision, Stochastic, build_policies
+from distq.controller.events import Event
+from distq.controller.policies import AuxBranch, AuxBranches, Targets, build_policies
+from distq.controller.precision import Precision
 from distq.controller.timeline import Clock
-from distq.controller.validate import target_bits
-from distq.models.resnet import DistqBasicBlock, DistqBottleneck
-from distq.quant.layers import QAct, QConv2d, QLinear, QuantState, quant_layers
-
-BLOCK_TYPES = (DistqBasicBlock, DistqBottleneck)
-
-
-@dataclasses.dataclass
-class Student:
-    """A low-precision model under the controller's command, with its target bits."""
-
-    name: str
-    model: nn.Module
-    w_bits: int
-    a_bits: int
-
-
-def quant_units(model: nn.Module, unit: str) -> list[list[QuantState]]:
-    """Groups of quantized layers that stochastic precision switches together:
-    every residual block is one unit ("block"), or every layer ("layer"). Layers outside
-    any block (e.g. the stem activation) are units of their own."""
-    layers = list(quant_layers(model))
-    if unit == "layer":
-        return [[layer] for _, layer in layers]
-    blocks = [name for name, m in model.named_modules() if isinstance(m, BLOCK_TYPES)]
-    units: dict[str, list[QuantState]] = {}
-    for name, layer in layers:
-        owner = next((b for b in blocks if name.startswith(b + ".")), name)
-        units.setdefault(owner, []).append(layer)
-    return list(units.values())
+from distq.models.team import Member, roster, students
+from distq.quant.layers import QAct, quant_layers
 
 
 class PrecisionController:
-    def __init__(self, cfg, clock: Clock, students: list[Student]):
-        self.seed = cfg.seed
+    def __init__(self, cfg, clock: Clock, team: list[Member] | None = None):
+        """``team``: the run's members with their models, which the controller then drives;
+        None for a plan, which only asks what happens at each step."""
         self.clock = clock
-        self.students = students
-        self.policies = build_policies(cfg, clock, target_bits(cfg)[0])
-        self.stochastic = next((p for p in self.policies if isinstance(p, Stochastic)), None)
-        self.uses_aqe = any(isinstance(p, AqeAlpha) for p in self.policies) or cfg.quant.method == "aqe"
-        self.aux: dict[str, AuxBranches] = {}
-        if any(isinstance(p, AuxDecay) for p in self.policies):
-            self.aux = {s.name: AuxBranches(s.model) for s in students}
-        self.aux_removed = False
-        self.units = {s.name: quant_units(s.model, self.stochastic.unit) for s in students} if self.stochastic else {}
+        self.students = students(team if team is not None else roster(cfg))
+        targets = Targets(
+            min(s.w_bits for s in self.students),
+            min(s.a_bits for s in self.students),
+            "guided.students" if cfg.guided is not None else "quant",
+        )
+        self.policies = build_policies(cfg, clock, targets)
+        self.drives_models = team is not None
+        if self.drives_models:
+            for policy in self.policies:
+                policy.bind(self.students)
         self.current = self.precision_at(0)
 
-    # --- pure ---------------------------------------------------------------------------
+    # --- decisions (pure) -----------------------------------------------------------------
 
     def precision_at(self, step: int) -> Precision:
         precision = Precision()
@@ -72,97 +48,74 @@ class PrecisionController:
             policy.contribute(step, precision)
         return precision
 
-    def sp_mask(self, step: int, num_units: int) -> torch.Tensor:
-        return schedules.sp_mask(self.seed, step, num_units, self.precision_at(step).sp_p)
+    def bits_at(self, step: int) -> dict[str, tuple[int, int]]:
+        """Every student's (weight, activation) bits at ``step``."""
+        p = self.precision_at(step)
+        return {s.name: p.bits(s.w_bits, s.a_bits) for s in self.students}
 
-    # --- events -------------------------------------------------------------------------
+    # --- events ---------------------------------------------------------------------------
 
-    def on_event(self, event: Event, step: int, on_aux_removed=None) -> None:
+    def on_event(self, event: Event, step: int) -> None:
+        if not self.drives_models:
+            raise RuntimeError("this controller was built for a plan: it has no models to drive")
         if event is Event.BATCH_START:
-            self.apply(step, on_aux_removed)
-        elif event is Event.AFTER_STEP and self.uses_aqe:
-            self.clip_aqe_weights()
-        elif event is Event.EPOCH_END:
-            self.all_quantized()
+            self.current = self.precision_at(step)
+            self._set_bits(self.current)
+        for policy in self.policies:
+            policy.on_event(event, step, self.current)
 
-    def apply(self, step: int, on_aux_removed=None) -> None:
-        """Set every student's bits, SP subset, alpha and aux factor for ``step``."""
-        p = self.current = self.precision_at(step)
+    def _set_bits(self, p: Precision) -> None:
+        """Every quantized layer at its student's bits for this step, and quantized (stochastic
+        precision then switches units off)."""
         for student in self.students:
-            w_bits = max(p.w_floor, student.w_bits)
-            a_bits = max(p.a_floor, student.a_bits)
+            w_bits, a_bits = p.bits(student.w_bits, student.a_bits)
             for _, layer in quant_layers(student.model):
                 layer.bits = a_bits if isinstance(layer, QAct) else w_bits
                 layer.quantize = True
-                if p.alpha is not None:
-                    layer.alpha = p.alpha
-            if self.stochastic is not None and p.sp_p < 1.0:
-                units = self.units[student.name]
-                for unit, quantized in zip(units, schedules.sp_mask(self.seed, step, len(units), p.sp_p).tolist()):
-                    for layer in unit:
-                        layer.quantize = quantized
-        if self.aux and not self.aux_removed:
-            for branches in self.aux.values():
-                branches.factor = p.aux_f
-            if p.aux_f == 0.0:
-                self.remove_aux()
-                if on_aux_removed is not None:
-                    on_aux_removed()
 
-    def all_quantized(self) -> None:
-        """Every unit quantized (stochastic precision only samples during training steps)."""
-        for student in self.students:
-            for _, layer in quant_layers(student.model):
-                layer.quantize = True
+    # --- the auxiliary branches: modules trained beside the students ----------------------
 
-    def clip_aqe_weights(self) -> None:
-        """AQE keeps latent weights in [-1, 1] after every update."""
-        with torch.no_grad():
-            for student in self.students:
-                for _, layer in quant_layers(student.model):
-                    if isinstance(layer, (QConv2d, QLinear)) and layer.method == "aqe":
-                        layer.weight.clamp_(-1.0, 1.0)
+    @property
+    def _aux(self) -> AuxBranch | None:
+        return next((p for p in self.policies if isinstance(p, AuxBranch)), None)
 
-    def remove_aux(self) -> None:
-        for branches in self.aux.values():
-            branches.detach_from_model()
-        self.aux_removed = True
+    @property
+    def aux(self) -> dict[str, AuxBranches]:
+        return self._aux.branches if self._aux is not None else {}
+
+    @property
+    def aux_removed(self) -> bool:
+        return self._aux is not None and self._aux.removed
+
+    def aux_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {name: list(b.parameters()) for name, b in self.aux.items()} if not self.aux_removed else {}
+
+    def when_aux_removed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the branches are removed (the optimizer stops updating them)."""
+        if self._aux is not None:
+            self._aux.listeners.append(callback)
 
     # --- logging and checkpoints ----------------------------------------------------------
 
     def scalars(self) -> dict[str, float]:
         """The controller's state for TensorBoard, under policy-named tags."""
         p = self.current
-        first = self.students[0]
-        values = {
-            "precision/w_bits": max(p.w_floor, first.w_bits),
-            "precision/a_bits": max(p.a_floor, first.a_bits),
-            "precision/stage": p.stage,
-        }
+        w_bits, a_bits = p.bits(self.students[0].w_bits, self.students[0].a_bits)
+        values = {"precision/w_bits": w_bits, "precision/a_bits": a_bits, "precision/stage": p.stage}
         if len(self.students) > 1:
             for s in self.students:
-                values[f"precision/w_bits/{s.name}"] = max(p.w_floor, s.w_bits)
-                values[f"precision/a_bits/{s.name}"] = max(p.a_floor, s.a_bits)
-        if self.stochastic is not None:
-            values["precision/sp_p"] = p.sp_p
-        if p.alpha is not None:
-            values["aqe/alpha"] = p.alpha
-        if p.aux_f is not None:
-            values["aux/f"] = p.aux_f
+                values[f"precision/w_bits/{s.name}"], values[f"precision/a_bits/{s.name}"] = p.bits(s.w_bits, s.a_bits)
+        for policy in self.policies:
+            values.update(policy.scalars(p))
         return values
 
-    def aux_parameters(self) -> dict[str, list[nn.Parameter]]:
-        return {name: list(b.parameters()) for name, b in self.aux.items()} if not self.aux_removed else {}
-
     def state_dict(self) -> dict:
-        state = {"precision": dataclasses.asdict(self.current), "aux_removed": self.aux_removed}
-        if self.aux and not self.aux_removed:
-            state["aux"] = {name: b.state_dict() for name, b in self.aux.items()}
+        state = {"precision": dataclasses.asdict(self.current), "aux_removed": False}
+        for policy in self.policies:
+            state.update(policy.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("aux_removed") and self.aux and not self.aux_removed:
-            self.remove_aux()
-        for name, branch_state in state.get("aux", {}).items():
-            self.aux[name].load_state_dict(branch_state)
+        for policy in self.policies:
+            policy.load_state_dict(state)
         self.current = Precision(**state["precision"])

@@ -1,34 +1,11 @@
-"""Training time: durations like "30ep", "2000ba", "0.5dur" and their conversion to steps."""
+"""Training time: durations ("30ep", "2000ba", "0.5dur") converted to optimizer steps."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from distq.config.loader import ConfigError
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ep|ba|dur)?\s*$")
-
-
-def parse_duration(value, key: str) -> tuple[float, str]:
-    """``"30ep"`` -> ``(30.0, "ep")``; a bare number counts as epochs, also as a string (the
-    config stores durations as strings, so YAML's ``3`` arrives here as ``"3"``)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value), "ep"
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ConfigError(f'{key}={value!r} is not a duration: write e.g. "30ep" (epochs), "2000ba" (steps) or "0.5dur" (fraction of the run)')
-    return float(match.group(1)), match.group(2) or "ep"
-
-
-def duration_epochs(value, key: str, total_epochs: int) -> float | None:
-    """The duration in epochs, or None for step counts (unknown until the data is loaded)."""
-    amount, unit = parse_duration(value, key)
-    if unit == "ep":
-        return amount
-    if unit == "dur":
-        return amount * total_epochs
-    return None
+from distq.config import ConfigError
+from distq.config.duration import parse_duration
 
 
 @dataclass(frozen=True)
@@ -48,8 +25,16 @@ class Clock:
             steps = amount * self.total_steps
         steps = int(round(steps))
         if steps > self.total_steps:
-            raise ConfigError(f"{key}={value!r} is longer than the run ({self.total_steps} steps): shorten it or train longer")
+            raise ConfigError(f"{key}={value!r} is longer than the run ({self.run()}): shorten it or train longer")
         return steps
 
     def epoch(self, step: int) -> float:
         return step / self.steps_per_epoch
+
+    def span(self, steps: float) -> str:
+        """``steps`` for a message, with its length in epochs: "45 steps (4.5 epochs)"."""
+        return f"{steps:g} steps ({self.epoch(steps):g} epochs)"
+
+    def run(self) -> str:
+        """The run's length for a message: "150 steps: train.epochs=15 of 10 steps"."""
+        return f"{self.total_steps} steps: train.epochs={self.total_steps // self.steps_per_epoch} of {self.steps_per_epoch} steps"

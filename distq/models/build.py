@@ -9,12 +9,18 @@ from distq.checkpoint import CheckpointError, load_weights
 from distq.config.loader import ConfigError
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.models.convert import quantize_model
-from distq.models.registry import build_float_model
+from distq.models.registry import build_float_model, model_names
+
+
+def check_arch(arch: str) -> None:
+    if arch not in model_names():
+        raise ConfigError(f"model.arch={arch!r} is unknown: use one of {', '.join(model_names())}")
 
 
 def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int, w_bits: int | None = None, a_bits: int | None = None) -> nn.Module:
     """The quantized model of the config; ``w_bits``/``a_bits`` override the config's bits
     (a full-precision guide is the same network at 32 bits)."""
+    check_arch(model_cfg.arch)
     try:
         model = build_float_model(model_cfg.arch, model_cfg.num_classes or num_classes, model_cfg.width, model_cfg.small_input)
     except ValueError as exc:  # an option this architecture does not support, e.g. model.width for alexnet

@@ -19,13 +19,12 @@ from tqdm import tqdm
 
 from distq.checkpoint import FORMAT_VERSION, CheckpointError, Found, atomic_write, load_tensors, load_weights
 from distq.config import DistqConfig, config_from_dict, to_dict
-from distq.controller.controller import PrecisionController
-from distq.controller.policies import Event
-from distq.controller.timeline import Clock
+from distq.controller import Clock, Event, PrecisionController
 from distq.data import build_loaders
 from distq.data.bundle import epoch_seed
 from distq.data.order import configured_layout
 from distq.distributed import TeamModule, build_engine, detect
+from distq.models.team import build_team, main_model_name
 from distq.quant.layers import QAct, quant_layers
 from distq.train.checkpointing import Checkpointing, resume_layout
 from distq.train.evaluation import evaluate_counts, metrics_from_counts
@@ -34,7 +33,7 @@ from distq.train.preemption import Preempted, PreemptionFlag
 from distq.train.sample_log import SampleLog, next_start
 from distq.train.schedule import lr_factor
 from distq.train.tb import ScalarLog
-from distq.train.team import FeatureTap, build_objective, build_team, main_model_name, students_of
+from distq.train.team import FeatureTap, build_objective
 
 AUX_GROUP = "aux:"
 MEASURED_KEYS = ("wall_time_s", "train_images_per_s", "max_memory_gib")
@@ -62,12 +61,13 @@ class Trainer:
         self.main = main_model_name(self.team)
         self.objective = build_objective(cfg, self.team)
         self.tap = FeatureTap(self.team, cfg.guided.hint.layer) if cfg.guided and cfg.guided.hint else None
-        self.controller = PrecisionController(cfg, self.clock, students_of(self.team))
+        self.controller = PrecisionController(cfg, self.clock, self.team)
         groups = [g for m in self.team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
         for name, params in self.controller.aux_parameters().items():
             groups.append({"params": params, "weight_decay": cfg.train.weight_decay, "base_lr": cfg.train.lr, "model": AUX_GROUP + name})
         extra = nn.ModuleDict(self.controller.aux)
         self.engine = build_engine(TeamModule(self.models, extra), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, self.layout, self.env)
+        self.controller.when_aux_removed(lambda: self.engine.freeze_groups(AUX_GROUP))
         self.epoch = 0  # completed epochs
         self.step = 0  # completed optimizer steps (the epoch's own: step - epoch * steps_per_epoch)
         self.history: list[dict] = []
@@ -163,13 +163,16 @@ class Trainer:
         self.samples = SampleLog(self.run_dir, start_number, self.step, self.env.rank, self.cfg.log.samples)
         start = time.perf_counter()
         try:
+            self.controller.on_event(Event.FIT_START, self.step)
             for epoch in range(self.epoch, self.cfg.train.epochs):
+                self.controller.on_event(Event.EPOCH_START, self.step)
                 self.train_epoch(epoch)
                 self.engine.broadcast_buffers()
                 self.controller.on_event(Event.EPOCH_END, self.step)
                 metrics = {name: self.evaluate(m) for name, m in self.models.items()}
                 self.end_epoch(epoch, metrics, time.perf_counter() - start)
             self.engine.vote.outcome()  # the last step's vote: the run is complete either way
+            self.controller.on_event(Event.FIT_END, self.step)
         finally:
             self.log.close()
             self.samples.close()
@@ -202,7 +205,7 @@ class Trainer:
             if i % accum == 0:
                 factor = lr_factor(self.step, self.steps_per_epoch, self.cfg.train)
                 self.engine.set_lr(factor)
-                self.controller.on_event(Event.BATCH_START, self.step, on_aux_removed=lambda: self.engine.freeze_groups(AUX_GROUP))
+                self.controller.on_event(Event.BATCH_START, self.step)
             self.samples.write(epoch, self.step, indices)
             boundary = (i + 1) % accum == 0
             losses = self.train_step(images, labels, boundary)

@@ -107,7 +107,6 @@ def test_bit_widths_outside_the_valid_set_are_rejected(key, bits):
         ("train.lr=-0.1", "train.lr=-0.1 must be > 0"),
         ("data.workers=-1", "data.workers=-1 must be >= 0"),
         ("data.crop_scale=[0.9, 0.5]", "data.crop_scale=[0.9, 0.5] must be [low, high] with 0 < low <= high <= 1"),
-        ("model.arch=vgg16", "model.arch='vgg16' is unknown: use one of alexnet, resnet18, resnet34, resnet50"),
         ("train.schedule=multistep", "train.milestones is empty but train.schedule=multistep"),
         ("train.epochs", "override 'train.epochs' is not of the form key=value"),
         ("train=3", "train must be a mapping of keys to values, got 3"),
@@ -145,12 +144,46 @@ def test_describe_keys_lists_every_leaf_key_with_default_and_meaning():
     assert "train.epochs = 90  # Training epochs." in lines
     assert any(line.startswith("quant.w_bits = 32  # Weight bit-width") for line in lines)
     assert any(line.startswith("data.root = None  # ImageNet-layout folder") for line in lines)
+    assert any(line.startswith("guided.students[].w_bits = None  # The student's weight bit-width") for line in lines)
     described = {line.split(" ")[0].rstrip(":") for line in lines}
-    for section in ("run", "model", "quant", "data", "train", "log"):
+    for section in ("run", "model", "quant", "data", "train", "log", "dist"):
         cls = type(getattr(DistqConfig(), section))
         for f in dataclasses.fields(cls):
             assert f"{section}.{f.name}" in described
-    assert set(valid_keys(DistqConfig)) >= described
+    keys = set(valid_keys(DistqConfig))
+    leaves = {k for k in keys if not any(other.startswith(k + ".") for other in keys)}
+    assert leaves <= described
+    assert described - keys == {"guided.students[].w_bits", "guided.students[].a_bits", "guided.students[].name"}
+
+
+def test_help_config_describes_every_key():
+    """``distq train --help-config``: every key and optional section has a meaning after ``#``."""
+    undescribed = [line for line in describe_keys() if "  # " not in line or not line.split("  # ", 1)[1].strip()]
+    assert undescribed == []
+
+
+def test_guided_students_take_quant_bits_as_their_default():
+    cfg = load_config(CONFIGS / "digits_resnet18_w4a4_guided.yaml", ["quant.w_bits=2", "quant.a_bits=3", "guided.students=[{}, {w_bits: 4}]"])
+    assert [(s.name, s.w_bits, s.a_bits) for s in cfg.guided.students] == [("student_w2a3", 2, 3), ("student_w4a3", 4, 3)]
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["quant.w_bits=2", "quant.a_bits=2"],  # the shipped guided config trains one W4A4 student
+            "quant.w_bits=2 applies to no student: every entry of guided.students sets its own w_bits (4); set the students' "
+            "bits in guided.students (e.g. guided.students=[{w_bits: 2, a_bits: 2}]) or leave w_bits out of them to use quant.w_bits",
+        ),
+        (["quant.a_bits=3"], "quant.a_bits=3 applies to no student: every entry of guided.students sets its own a_bits (4)"),
+        (["guided.students=[{w_bits: 2, a_bits: 2, name: s}, {w_bits: 4, a_bits: 4, name: s}]"], "guided.students has duplicate names ['s', 's']"),
+    ],
+)
+def test_guided_quant_bits_no_student_uses_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "digits_resnet18_w4a4_guided.yaml", overrides)
+    assert str(info.value).startswith(message)
 
 
 def test_configs_are_keyword_only():

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from distq.config import config_from_dict, load_config
-from distq.controller import Clock, Event, PrecisionController, Student
-from distq.controller.aux_branch import AuxBranches
+from distq.controller import Clock, Event, PrecisionController
+from distq.controller.policies import AuxBranches
 from distq.evaluate import evaluate_checkpoint
 from distq.models.build import build_model
+from distq.models.team import Member
 from distq.quant.layers import QConv2d, quant_layers
 
 SPE, EPOCHS = 10, 10
@@ -110,15 +111,15 @@ def test_controller_decays_f_and_removes_the_branch_at_zero():
     cfg = aux_config()
     model, plain, x = models_and_input(cfg)
     keys = set(plain.state_dict())
-    ctl = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Student("model", model, 2, 2)])
+    ctl = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Member("model", 2, 2, 0.1, model)])
     removed = []
-    on_removed = lambda: removed.append(True)  # noqa: E731
+    ctl.when_aux_removed(lambda: removed.append(True))
     model.eval()
     plain.eval()
 
     expected_f = {0: 1.0, 10: 1.0, 30: 0.5, 49: None}
     for step, f in expected_f.items():
-        ctl.on_event(Event.BATCH_START, step, on_aux_removed=on_removed)
+        ctl.on_event(Event.BATCH_START, step)
         assert ctl.aux["model"].factor == ctl.scalars()["aux/f"]
         if f is not None:
             assert ctl.aux["model"].factor == pytest.approx(f)
@@ -128,7 +129,7 @@ def test_controller_decays_f_and_removes_the_branch_at_zero():
             assert not torch.equal(model(x), plain(x))
     assert 0.0 < ctl.aux["model"].factor < 0.01  # step 49: the last step with a branch
 
-    ctl.on_event(Event.BATCH_START, 50, on_aux_removed=on_removed)  # end = 0.5dur = step 50: f = 0
+    ctl.on_event(Event.BATCH_START, 50)  # end = 0.5dur = step 50: f = 0
     assert removed == [True] and ctl.aux_removed
     assert forward_hooks(model) == 0
     assert ctl.aux_parameters() == {}
@@ -138,14 +139,14 @@ def test_controller_decays_f_and_removes_the_branch_at_zero():
         assert torch.equal(model(x), plain(x))
     assert set(model.state_dict()) == keys
 
-    ctl.on_event(Event.BATCH_START, 51, on_aux_removed=on_removed)
+    ctl.on_event(Event.BATCH_START, 51)
     assert removed == [True]  # removed once only
 
 
 def test_step_decay_halves_and_removes():
     cfg = aux_config("precision.aux_branch={decay: step, start: 0ep, end: 4ep, halve_every: 1ep}")
     model, _, _ = models_and_input(cfg)
-    ctl = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Student("model", model, 2, 2)])
+    ctl = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Member("model", 2, 2, 0.1, model)])
     factors = []
     for step in (0, 9, 10, 20, 39):
         ctl.on_event(Event.BATCH_START, step)
@@ -158,7 +159,7 @@ def test_step_decay_halves_and_removes():
 def test_controller_state_restores_the_branches_or_their_removal():
     cfg = aux_config()
     model, _, _ = models_and_input(cfg)
-    ctl = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Student("model", model, 2, 2)])
+    ctl = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Member("model", 2, 2, 0.1, model)])
     with torch.no_grad():
         for p in ctl.aux["model"].parameters():
             p.add_(0.25)
@@ -166,14 +167,14 @@ def test_controller_state_restores_the_branches_or_their_removal():
     saved = ctl.state_dict()
 
     fresh_model, _, _ = models_and_input(cfg)
-    fresh = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Student("model", fresh_model, 2, 2)])
+    fresh = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Member("model", 2, 2, 0.1, fresh_model)])
     fresh.load_state_dict(saved)
     for (name, a), (_, b) in zip(ctl.aux["model"].state_dict().items(), fresh.aux["model"].state_dict().items()):
         assert torch.equal(a, b), name
     assert fresh.current == ctl.current
 
     ctl.on_event(Event.BATCH_START, 50)
-    gone = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Student("model", models_and_input(cfg)[0], 2, 2)])
+    gone = PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Member("model", 2, 2, 0.1, models_and_input(cfg)[0])])
     gone.load_state_dict(ctl.state_dict())
     assert gone.aux_removed and forward_hooks(gone.students[0].model) == 0 and gone.aux_parameters() == {}
 

@@ -10,8 +10,9 @@ import signal
 import torch
 
 from distq.config import load_config
-from distq.controller import Clock, Event, PrecisionController, Student
+from distq.controller import Clock, Event, PrecisionController
 from distq.models.build import build_model
+from distq.models.team import Member
 from distq.quant.layers import quant_layers
 
 SPE, EPOCHS = 10, 6
@@ -29,7 +30,7 @@ def pq_sp_config():
 def controller(cfg, model_seed: int) -> PrecisionController:
     torch.manual_seed(model_seed)
     model = build_model(cfg.model, cfg.quant, 10)
-    return PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Student("model", model, 2, 2)])
+    return PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Member("model", 2, 2, 0.1, model)])
 
 
 def layer_state(ctl: PrecisionController, step: int) -> list[tuple[int, bool]]:

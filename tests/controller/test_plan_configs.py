@@ -21,11 +21,11 @@ DIGITS_STEPS = 1442 // 64  # digits training images // batch size
 BAD = {
     "stages-longer-than-run": (
         "digits_resnet18_w2a2_progressive.yaml", ["train.epochs=9"],
-        "precision.progressive.stages add up to 9 epochs, not less than train.epochs=9",
+        "precision.progressive.stages add up to 198 steps (9 epochs), not less than the run (198 steps: train.epochs=9 of 22 steps)",
     ),
     "ba-longer-than-run": (
         "digits_resnet18_w2a2_stochastic.yaml", ["precision.stochastic.ramp=331ba"],
-        "precision.stochastic.ramp='331ba' is longer than the run (330 steps): shorten it or train longer",
+        "precision.stochastic.ramp='331ba' is longer than the run (330 steps: train.epochs=15 of 22 steps): shorten it or train longer",
     ),
     "stochastic-with-cyclic": (
         "digits_resnet18_w1a1_cyclic.yaml", ["precision.stochastic={p0: 0.5}"],

@@ -1,6 +1,6 @@
-"""The controller applies each policy's bits, alpha and phase to the students' layers; bad
-schedules are rejected when the config is read (epochs, fractions) or when the controller
-is built (step counts), with a message that names the key."""
+"""The controller applies each policy's bits, alpha and phase to the students' layers; a bad
+schedule is rejected with a message that names the key: its own values when the config is read,
+its fit with the run (targets, length in steps, other policies) when the policy is built."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from distq.config import ConfigError, load_config
-from distq.controller import Clock, Event, PrecisionController, Student
-from distq.models.build import build_model
+from distq.controller import Clock, Event, PrecisionController
+from distq.controller.policies import Aqe, AuxBranch, Cyclic, Progressive, Stochastic, TwoStage
+from distq.models.team import build_team
 from distq.quant.layers import QAct, QConv2d, quant_layers
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -23,16 +24,14 @@ def make_cfg(config: str | None, *overrides: str):
     return load_config(CONFIGS / config if config else None, ["model.width=4", "model.small_input=true", *overrides])
 
 
-def make_student(cfg, name: str = "model", w_bits: int | None = None, a_bits: int | None = None) -> Student:
+def clock_of(cfg) -> Clock:
+    return Clock(SPE, SPE * cfg.train.epochs)
+
+
+def make_controller(cfg) -> PrecisionController:
+    """A controller driving freshly built models of ``cfg`` (10 classes)."""
     torch.manual_seed(0)
-    w = cfg.quant.w_bits if w_bits is None else w_bits
-    a = cfg.quant.a_bits if a_bits is None else a_bits
-    return Student(name, build_model(cfg.model, cfg.quant, 10, w_bits=w, a_bits=a), w, a)
-
-
-def make_controller(cfg, students: list[Student] | None = None) -> PrecisionController:
-    students = students or [make_student(cfg)]
-    return PrecisionController(cfg, Clock(SPE, SPE * cfg.train.epochs), students)
+    return PrecisionController(cfg, clock_of(cfg), build_team(cfg, 10))
 
 
 def bits_of(model) -> tuple[set[int], set[int]]:
@@ -79,8 +78,8 @@ def test_progressive_floor_serves_two_students():
         "guided.students=[{w_bits: 4, a_bits: 4}, {w_bits: 2, a_bits: 2}]",
         "precision.progressive={w_bits: [32, 8, 4, 2], a_bits: [32, 8, 4, 2], stages: [1ep, 1ep, 1ep]}",
     )
-    students = [make_student(cfg, s.name, s.w_bits, s.a_bits) for s in cfg.guided.students]
-    ctl = make_controller(cfg, students)
+    ctl = make_controller(cfg)
+    assert [s.name for s in ctl.students] == ["student_w4a4", "student_w2a2"]  # the guide is not driven
     for step, four, two in [(0, (FP, FP), (FP, FP)), (10, (8, 8), (8, 8)), (20, (4, 4), (4, 4)), (30, (4, 4), (2, 2))]:
         assert (bits_at(ctl, step, 0), bits_at(ctl, step, 1)) == (four, two), step
     scalars = ctl.scalars()
@@ -142,131 +141,155 @@ def test_no_policy_keeps_the_target_bits():
     cfg = make_cfg("digits_w4a4.yaml", "quant.w_bits=3", "quant.a_bits=2")
     ctl = make_controller(cfg)
     assert ctl.policies == []
+    assert ctl.bits_at(0) == ctl.bits_at(149) == {"model": (3, 2)}
     assert bits_at(ctl, 0) == bits_at(ctl, 149) == (3, 2)
     assert ctl.scalars() == {"precision/w_bits": 3, "precision/a_bits": 2, "precision/stage": 0}
 
 
-# --- rejected when the config is read ---------------------------------------------------------------
+# --- rejected: when the config is read, or when the policy is built ------------------------------------
 
 PQ = "digits_resnet18_w2a2_progressive.yaml"
 SP = "digits_resnet18_w2a2_stochastic.yaml"
 CYCLIC = "digits_resnet18_w1a1_cyclic.yaml"
 AUX = "digits_resnet18_w2a2_aux.yaml"
+AQE = "digits_resnet18_w1a2_aqe.yaml"
+TS = "digits_resnet18_w2a2_two_stage.yaml"
+RUN_15 = "the run (150 steps: train.epochs=15 of 10 steps)"
 
-BAD_CONFIGS = {
+# name -> (config, overrides, the error message or its start, where it is caught: "config" or "policy")
+BAD = {
+    # the section's own values, when the config is read
+    "weight-bits-increase": (
+        PQ, ["precision.progressive.w_bits=[32, 4, 8, 2]"],
+        "precision.progressive.w_bits=[32, 4, 8, 2] increases: a progressive sequence must go down, e.g. [32, 8, 4, 2]", "config",
+    ),
+    "act-bits-increase": (PQ, ["precision.progressive.a_bits=[8, 8, 2, 4]", "quant.a_bits=4"], "precision.progressive.a_bits=[8, 8, 2, 4] increases", "config"),
+    "sequence-bits-invalid": (
+        PQ, ["precision.progressive.w_bits=[32, 9, 4, 2]"],
+        "precision.progressive.w_bits[1]=9 is not a valid bit-width: use 1..8, or 32 for full precision", "config",
+    ),
+    "sequence-length-mismatch": (PQ, ["precision.progressive.stages=[3ep, 3ep]"], "precision.progressive.w_bits has 4 entries but precision.progressive.stages has 2", "config"),
+    "progressive-without-sequences": (None, ["precision.progressive={stages: [1ep]}"], "precision.progressive has neither w_bits nor a_bits", "config"),
+    "p0-above-one": (SP, ["precision.stochastic.p0=1.5"], "precision.stochastic.p0=1.5 must be in [0, 1]", "config"),
+    "p0-below-zero": (SP, ["precision.stochastic.p0=-0.1"], "precision.stochastic.p0=-0.1 must be in [0, 1]", "config"),
+    "not-a-duration": (SP, ["precision.stochastic.ramp=80%"], "precision.stochastic.ramp='80%' is not a duration", "config"),
+    "guided-without-students": (
+        "digits_resnet18_w4a4_guided.yaml", ["guided.students=[]"],
+        "guided.students is empty: a guided config needs at least one student, e.g. [{w_bits: 4, a_bits: 4}]", "config",
+    ),
+    "guided-section-empty": (None, ["guided={}"], "guided.students is empty", "config"),
+    "cyclic-zero-cycles": (CYCLIC, ["precision.cyclic.cycles=0"], "precision.cyclic.cycles=0: cyclic training needs at least 1 cycle", "config"),
+    "cyclic-start-full-precision": (CYCLIC, ["precision.cyclic.start_bits=32"], "precision.cyclic.start_bits=32 is full precision", "config"),
+    "aqe-alpha0-outside": (AQE, ["precision.aqe.alpha0=1.2"], "precision.aqe.alpha0=1.2 must be in [0, 1]", "config"),
+    # the fit with the run, the targets and the other policies, when the policy is built
     "stages-sum-longer-than-run": (
         PQ, ["train.epochs=8"],
-        "precision.progressive.stages add up to 9 epochs, not less than train.epochs=8: the last stage would never run",
+        "precision.progressive.stages add up to 90 steps (9 epochs), not less than the run (80 steps: train.epochs=8 of 10 steps): "
+        "the last stage would never run", "policy",
     ),
     "stages-fill-the-run": (
-        PQ, ["precision.progressive.stages=[0.5dur, 0.25dur, 0.25dur]"],
-        "precision.progressive.stages add up to 15 epochs, not less than train.epochs=15",
+        PQ, ["precision.progressive.stages=[0.5dur, 0.25dur, 0.25dur]"],  # 75 + 38 + 38 steps (37.5 rounds to 38)
+        f"precision.progressive.stages add up to 151 steps (15.1 epochs), not less than {RUN_15}", "policy",
+    ),
+    "stages-in-steps-fill-the-run": (
+        PQ, ["precision.progressive.stages=[60ba, 60ba, 30ba]"],
+        f"precision.progressive.stages add up to 150 steps (15 epochs), not less than {RUN_15}: the last stage would never run", "policy",
     ),
     "one-stage-longer-than-run": (
         PQ, ["precision.progressive={w_bits: [32, 2], a_bits: [32, 2], stages: [20ep]}"],
-        "precision.progressive.stages[0]='20ep' is longer than the run (train.epochs=15): shorten it or train longer",
+        f"precision.progressive.stages[0]='20ep' is longer than {RUN_15}: shorten it or train longer", "policy",
     ),
-    "weight-bits-increase": (
-        PQ, ["precision.progressive.w_bits=[32, 4, 8, 2]"],
-        "precision.progressive.w_bits=[32, 4, 8, 2] increases: a progressive sequence must go down, e.g. [32, 8, 4, 2]",
-    ),
-    "act-bits-increase": (
-        PQ, ["precision.progressive.a_bits=[8, 8, 2, 4]", "quant.a_bits=4"],
-        "precision.progressive.a_bits=[8, 8, 2, 4] increases",
-    ),
+    "stage-in-steps-longer-than-run": (PQ, ["precision.progressive.stages=[3ep, 200ba, 3ep]"], f"precision.progressive.stages[1]='200ba' is longer than {RUN_15}", "policy"),
     "sequence-ends-above-target": (
         PQ, ["precision.progressive={w_bits: [32, 8, 4], a_bits: [32, 8, 2], stages: [3ep, 3ep]}"],
-        "precision.progressive.w_bits ends at 4 bits but quant.w_bits=2: end the sequence at the target bit-width",
+        "precision.progressive.w_bits ends at 4 bits but quant.w_bits=2: end the sequence at the target bit-width", "policy",
     ),
-    "sequence-length-mismatch": (
-        PQ, ["precision.progressive.stages=[3ep, 3ep]"],
-        "precision.progressive.w_bits has 4 entries but precision.progressive.stages has 2",
+    "sequence-ends-above-a-student": (
+        "digits_resnet18_w4a4_guided.yaml",
+        ["guided.students=[{w_bits: 4, a_bits: 4}, {w_bits: 2, a_bits: 2}]", "precision.progressive={w_bits: [32, 4], stages: [1ep]}"],
+        "precision.progressive.w_bits ends at 4 bits but guided.students.w_bits=2", "policy",
     ),
-    "p0-above-one": (SP, ["precision.stochastic.p0=1.5"], "precision.stochastic.p0=1.5 must be in [0, 1]"),
-    "p0-below-zero": (SP, ["precision.stochastic.p0=-0.1"], "precision.stochastic.p0=-0.1 must be in [0, 1]"),
-    "sp-ramp-longer-than-run": (SP, ["precision.stochastic.ramp=16ep"], "precision.stochastic.ramp='16ep' is longer than the run"),
-    "guided-without-students": (
-        "digits_resnet18_w4a4_guided.yaml", ["guided.students=[]"],
-        "guided.students is empty: a guided config needs at least one student, e.g. [{w_bits: 4, a_bits: 4}]",
-    ),
-    "guided-section-empty": (None, ["guided={}"], "guided.students is empty"),
-    "cyclic-zero-cycles": (CYCLIC, ["precision.cyclic.cycles=0"], "precision.cyclic.cycles=0: cyclic training needs at least 1 cycle"),
+    "sp-ramp-longer-than-run": (SP, ["precision.stochastic.ramp=16ep"], f"precision.stochastic.ramp='16ep' is longer than {RUN_15}", "policy"),
+    "sp-ramp-in-steps": (SP, ["precision.stochastic.ramp=151ba"], f"precision.stochastic.ramp='151ba' is longer than {RUN_15}: shorten it or train longer", "policy"),
+    "aqe-end-in-steps": (AQE, ["precision.aqe.end=1000ba"], f"precision.aqe.end='1000ba' is longer than {RUN_15}", "policy"),
     "cyclic-longer-than-run": (
         CYCLIC, ["precision.cyclic.cycles=2"],
-        "precision.cyclic needs 24 epochs (4 bit depths x 2 cycles x (fp_length + lp_length)) but train.epochs=18",
+        "precision.cyclic needs 240 steps (24 epochs): 4 bit depths x 2 cycles x (fp_length + lp_length), more than the run "
+        "(180 steps: train.epochs=18 of 10 steps): fewer cycles, shorter phases or more epochs", "policy",
     ),
-    "cyclic-start-below-target": (CYCLIC, ["quant.w_bits=2", "quant.a_bits=2", "precision.cyclic.start_bits=1"], "precision.cyclic.start_bits=1 must be in 2..8"),
+    "cyclic-in-steps": (
+        CYCLIC, ["train.epochs=15", "precision.cyclic={start_bits: 3, cycles: 2, fp_length: 20ba, lp_length: 20ba}"],
+        f"precision.cyclic needs 240 steps (24 epochs): 3 bit depths x 2 cycles x (fp_length + lp_length), more than {RUN_15}", "policy",
+    ),
+    "cyclic-start-below-target": (
+        CYCLIC, ["quant.w_bits=2", "quant.a_bits=2", "precision.cyclic.start_bits=1"],
+        "precision.cyclic.start_bits=1 must be in 2..8 (from 8 bits down to the target quant.w_bits=2)", "policy",
+    ),
     "progressive-with-cyclic": (
         CYCLIC, ["precision.progressive={w_bits: [32, 1], stages: [1ep]}"],
-        "precision.progressive cannot be combined with precision.cyclic (both set the bit-width trajectory): remove one of them",
+        "precision.progressive cannot be combined with precision.cyclic (both set the bit-width trajectory): remove one of them", "policy",
     ),
     "stochastic-with-cyclic": (
         CYCLIC, ["precision.stochastic={}"],
-        "precision.stochastic cannot be combined with precision.cyclic (cyclic training's full-precision phases leave nothing to sample)",
+        "precision.stochastic cannot be combined with precision.cyclic (cyclic training's full-precision phases leave nothing to sample)", "policy",
     ),
-    "two-stage-with-cyclic": (CYCLIC, ["precision.two_stage={}"], "precision.two_stage cannot be combined with precision.cyclic"),
-    "aqe-schedule-with-dorefa": (
-        "digits_resnet18_w1a2_aqe.yaml", ["quant.method=dorefa"],
-        "precision.aqe schedules AQE's alpha but quant.method='dorefa': set quant.method=aqe",
-    ),
-    "aqe-alpha0-outside": ("digits_resnet18_w1a2_aqe.yaml", ["precision.aqe.alpha0=1.2"], "precision.aqe.alpha0=1.2 must be in [0, 1]"),
-    "two-stage-whole-run": (
-        "digits_resnet18_w2a2_two_stage.yaml", ["precision.two_stage.weights_only=1dur"],
-        "precision.two_stage.weights_only='1dur' leaves no time for the second stage",
-    ),
+    "two-stage-with-cyclic": (CYCLIC, ["precision.two_stage={}"], "precision.two_stage cannot be combined with precision.cyclic", "policy"),
+    "aqe-schedule-with-dorefa": (AQE, ["quant.method=dorefa"], "precision.aqe schedules AQE's alpha but quant.method='dorefa': set quant.method=aqe", "policy"),
+    "two-stage-whole-run": (TS, ["precision.two_stage.weights_only=1dur"], f"precision.two_stage.weights_only='1dur' leaves no time for the second stage in {RUN_15}", "policy"),
+    "two-stage-in-steps": (TS, ["precision.two_stage.weights_only=150ba"], "precision.two_stage.weights_only='150ba' leaves no time for the second stage", "policy"),
     "two-stage-fp-activations": (
-        "digits_resnet18_w2a2_two_stage.yaml", ["quant.a_bits=32"],
-        "precision.two_stage needs quantized activations, but the activation target is 32 bits",
+        TS, ["quant.a_bits=32"], "precision.two_stage needs quantized activations, but the activation target is 32 bits: set quant.a_bits < 32", "policy",
     ),
     "aux-ends-with-the-run": (
         AUX, ["precision.aux_branch.end=1dur"],
-        "precision.aux_branch.end='1dur' must come before the end of the run (train.epochs=15): the branch is removed only once f reaches 0",
+        f"precision.aux_branch.end='1dur' must come before the end of {RUN_15}: the branch is removed only once f reaches 0", "policy",
     ),
-    "aux-ends-before-start": (AUX, ["precision.aux_branch.start=5ep", "precision.aux_branch.end=4ep"], "precision.aux_branch.end='4ep' must come after precision.aux_branch.start='5ep'"),
-    "not-a-duration": (SP, ["precision.stochastic.ramp=80%"], "precision.stochastic.ramp='80%' is not a duration"),
+    "aux-ends-in-steps-with-the-run": (AUX, ["precision.aux_branch.end=150ba"], f"precision.aux_branch.end='150ba' must come before the end of {RUN_15}", "policy"),
+    "aux-ends-before-start": (
+        AUX, ["precision.aux_branch.start=5ep", "precision.aux_branch.end=4ep"],
+        "precision.aux_branch.end='4ep' must come after precision.aux_branch.start='5ep'", "policy",
+    ),
+    "aux-ends-in-steps-before-start": (
+        AUX, ["precision.aux_branch.start=50ba", "precision.aux_branch.end=40ba"],
+        "precision.aux_branch.end='40ba' must come after precision.aux_branch.start='50ba'", "policy",
+    ),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+@pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_schedule_is_rejected_with_its_message(case):
-    config, overrides, message = BAD_CONFIGS[case]
+    config, overrides, message, where = BAD[case]
     with pytest.raises(ConfigError) as info:
-        make_cfg(config, *overrides)
-    assert message in str(info.value)
+        cfg = make_cfg(config, *overrides)
+        assert where == "policy", "the config was accepted"
+        PrecisionController(cfg, clock_of(cfg))  # a plan's controller: no models needed
+    assert str(info.value).startswith(message)
+    if where == "config":  # caught before any run exists: the config alone is wrong
+        with pytest.raises(ConfigError):
+            make_cfg(config, *overrides)
 
 
-def test_every_shipped_recipe_passes_validation_and_builds_a_controller():
-    for path in sorted(CONFIGS.glob("digits_*.yaml")):
-        cfg = load_config(path) if "alexnet" in path.name else make_cfg(path.name)  # AlexNet has no width option
-        students = [make_student(cfg, s.name, s.w_bits, s.a_bits) for s in cfg.guided.students] if cfg.guided else None
-        ctl = make_controller(cfg, students)
-        ctl.on_event(Event.BATCH_START, 0)
-
-
-# --- step counts: rejected when the controller is built -------------------------------------------
-
-BAD_STEPS = {
-    "sp-ramp": (SP, ["precision.stochastic.ramp=151ba"], "precision.stochastic.ramp='151ba' is longer than the run (150 steps): shorten it or train longer"),
-    "aqe-end": ("digits_resnet18_w1a2_aqe.yaml", ["precision.aqe.end=1000ba"], "precision.aqe.end='1000ba' is longer than the run (150 steps)"),
-    "pq-stage": (PQ, ["precision.progressive.stages=[3ep, 200ba, 3ep]"], "precision.progressive.stages[1]='200ba' is longer than the run (150 steps)"),
-    "pq-stages-sum": (
-        PQ, ["precision.progressive.stages=[60ba, 60ba, 30ba]"],
-        "precision.progressive.stages add up to 150 steps, not less than the run's 150: the last stage would never run",
-    ),
-    "two-stage": ("digits_resnet18_w2a2_two_stage.yaml", ["precision.two_stage.weights_only=150ba"], "precision.two_stage.weights_only='150ba' leaves no time for the second stage"),
-    "aux-end": (AUX, ["precision.aux_branch.end=150ba"], "precision.aux_branch.end='150ba' must come before the end of the run (150 steps)"),
-    "aux-end-before-start": (AUX, ["precision.aux_branch.start=50ba", "precision.aux_branch.end=40ba"], "precision.aux_branch.end='40ba' must come after precision.aux_branch.start='50ba'"),
-    "cyclic": (
-        CYCLIC, ["train.epochs=15", "precision.cyclic={start_bits: 3, cycles: 2, fp_length: 20ba, lp_length: 20ba}"],
-        "precision.cyclic needs 240 steps but the run has 150: fewer cycles or shorter phases",
-    ),
+# Every policy each shipped recipe runs, and the bits its (first) student ends at.
+RECIPES = {
+    "digits_w4a4.yaml": ([], (4, 4)),
+    "digits_fp.yaml": ([], (FP, FP)),
+    "digits_resnet18_w2a2_progressive.yaml": ([Progressive], (2, 2)),
+    "digits_resnet18_w2a2_two_stage.yaml": ([TwoStage], (2, 2)),
+    "digits_resnet18_w2a2_stochastic.yaml": ([Stochastic], (2, 2)),
+    "digits_resnet18_w2a2_aux.yaml": ([AuxBranch], (2, 2)),
+    "digits_resnet18_w1a1_cyclic.yaml": ([Cyclic], (1, 1)),
+    "digits_resnet18_w1a2_aqe.yaml": ([Aqe], (1, 2)),
+    "digits_resnet18_w4a4_guided.yaml": ([], (4, 4)),
+    "digits_alexnet_w4a4_guided.yaml": ([], (4, 4)),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_STEPS))
-def test_step_durations_longer_than_the_run_are_rejected_by_the_controller(case):
-    config, overrides, message = BAD_STEPS[case]
-    cfg = make_cfg(config, "train.epochs=15", *overrides)  # steps are unknown when the config is read
-    with pytest.raises(ConfigError) as info:
-        make_controller(cfg)
-    assert message in str(info.value)
+def test_every_shipped_recipe_builds_its_policies_and_ends_at_its_target_bits():
+    assert set(RECIPES) == {p.name for p in CONFIGS.glob("digits_*.yaml")}
+    for name, (policies, last_bits) in RECIPES.items():
+        cfg = load_config(CONFIGS / name) if "alexnet" in name else make_cfg(name)  # AlexNet has no width option
+        ctl = make_controller(cfg)
+        assert [type(p) for p in ctl.policies] == policies, name
+        last = cfg.train.epochs * SPE - 1
+        assert bits_at(ctl, last) == last_bits, name
+        assert next(iter(ctl.bits_at(last).values())) == last_bits, name

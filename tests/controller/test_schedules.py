@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from distq.config import ConfigError
+from distq.config.duration import parse_duration
 from distq.controller import schedules
-from distq.controller.timeline import Clock, duration_epochs, parse_duration
+from distq.controller.timeline import Clock
 
 FP = 32
 
@@ -44,14 +45,6 @@ def test_parse_duration_rejects_with_the_key(value):
         parse_duration(value, "precision.x.ramp")
 
 
-def test_duration_epochs():
-    assert duration_epochs("0.5dur", "k", 10) == 5.0
-    assert duration_epochs("1dur", "k", 7) == 7.0
-    assert duration_epochs("12ep", "k", 10) == 12.0  # range checks are the validator's job
-    assert duration_epochs(4, "k", 10) == 4.0
-    assert duration_epochs("100ba", "k", 10) is None  # steps: unknown until the data is loaded
-
-
 def test_clock_converts_every_unit_to_steps():
     clock = Clock(steps_per_epoch=10, total_steps=100)
     assert clock.steps("2ep", "k") == 20
@@ -69,7 +62,7 @@ def test_clock_converts_every_unit_to_steps():
 @pytest.mark.parametrize("value", ["101ba", "11ep", "1.5dur", "10.06ep"])
 def test_clock_rejects_durations_longer_than_the_run(value):
     clock = Clock(steps_per_epoch=10, total_steps=100)
-    with pytest.raises(ConfigError, match=rf"precision\.stochastic\.ramp='{value}' is longer than the run \(100 steps\): shorten it or train longer"):
+    with pytest.raises(ConfigError, match=rf"precision\.stochastic\.ramp='{value}' is longer than the run \(100 steps: train\.epochs=10 of 10 steps\): shorten it or train longer"):
         clock.steps(value, "precision.stochastic.ramp")
 
 

@@ -13,9 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distq.config import load_config
-from distq.controller import Clock, Event, PrecisionController, Student
-from distq.controller.controller import quant_units
+from distq.controller import Clock, Event, PrecisionController
+from distq.controller.policies import quant_units
 from distq.models.build import build_model
+from distq.models.team import Member, build_team
 from distq.quant.layers import QAct, quant_layers
 
 SPE, EPOCHS = 10, 10
@@ -33,7 +34,7 @@ def sp_config(*overrides: str):
 def sp_controller(cfg, model_seed: int = 0) -> PrecisionController:
     torch.manual_seed(model_seed)
     model = build_model(cfg.model, cfg.quant, 10)
-    return PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Student("model", model, 2, 2)])
+    return PrecisionController(cfg, Clock(SPE, SPE * EPOCHS), [Member("model", 2, 2, 0.1, model)])
 
 
 def quantize_flags(ctl: PrecisionController, steps: list[int]) -> torch.Tensor:
@@ -123,10 +124,8 @@ def test_every_student_follows_the_same_draw():
         ["model.width=4", "model.small_input=true", "train.epochs=10", "precision.stochastic={p0: 0.5}",
          "guided.students=[{w_bits: 4, a_bits: 4}, {w_bits: 2, a_bits: 2}]"],
     )
-    students = []
-    for s in cfg.guided.students:
-        students.append(Student(s.name, build_model(cfg.model, cfg.quant, 10, w_bits=s.w_bits, a_bits=s.a_bits), s.w_bits, s.a_bits))
-    ctl = PrecisionController(cfg, Clock(SPE, SPE * 10), students)
+    ctl = PrecisionController(cfg, Clock(SPE, SPE * 10), build_team(cfg, 10))
+    students = ctl.students
     for step in range(5):
         ctl.on_event(Event.BATCH_START, step)
         a, b = ([layer.quantize for _, layer in quant_layers(s.model)] for s in students)

@@ -11,8 +11,9 @@ import torch
 from distq.config import load_config
 from distq.config.schema import GuidedConfig, HintConfig, StudentConfig
 from distq.distill.losses import CrossEntropy, MutualDistillation
+from distq.models.team import GUIDE, build_team
 from distq.quant.layers import QAct, quant_layers
-from distq.train.team import GUIDE, FeatureTap, build_objective, build_team
+from distq.train.team import FeatureTap, build_objective
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 S4, S2 = "student_w4a4", "student_w2a2"

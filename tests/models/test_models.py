@@ -14,7 +14,7 @@ from distq.models.build import build_model, load_float_weights
 from distq.quant.layers import QAct, QConv2d, QLinear, quant_layers
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "alexnet"]
-# The layers METHODS.md keeps full precision: first conv, last linear, activation before pooling.
+# The layers docs/methods.md keeps full precision: first conv, last linear, activation before pooling.
 KEPT_FP = {
     "resnet18": ("conv1", "fc", "layer4.1.act_out"),
     "resnet34": ("conv1", "fc", "layer4.2.act_out"),
@@ -197,3 +197,10 @@ def test_float_weights_of_another_model_are_refused(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a state dict")
     with pytest.raises(CheckpointError, match="not a readable state_dict"):
         load_float_weights(model, str(tmp_path / "junk.pth"))
+
+
+def test_an_unknown_architecture_is_refused_by_the_registry():
+    from distq.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model\.arch='vgg16' is unknown: use one of alexnet, resnet18, resnet34, resnet50$"):
+        build_model(ModelConfig(arch="vgg16"), QuantConfig(), 10)
