@@ -30,8 +30,10 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# The test suite runs both as well (tests/test_architecture.py).
 lint: install
-	$(BIN)/ruff check distq tests
+	$(BIN)/ruff check distq tests benchmarks
+	PYTHONPATH=. $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -73,6 +73,11 @@ class PrecisionController:
                 layer.bits = a_bits if isinstance(layer, QAct) else w_bits
                 layer.quantize = True
 
+    @property
+    def edits_weights(self) -> bool:
+        """Whether the policies change the students' weights outside the optimizer (at AFTER_STEP)."""
+        return any(p.edits_weights for p in self.policies)
+
     # --- the auxiliary branches: modules trained beside the students ----------------------
 
     @property

@@ -1,4 +1,4 @@
-"""Training objectives: plain cross-entropy, and guided mutual distillation (METHODS.md 5).
+"""Training objectives: plain cross-entropy, and guided mutual distillation (docs/methods.md, "Guided training").
 
 An objective maps every model's logits to that model's own loss. Other models' logits
 enter only detached, so each model's parameters receive gradients from its own terms

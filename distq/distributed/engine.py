@@ -116,8 +116,8 @@ class Engine:
     def install_optimizer_state(self, merged: dict) -> None:
         load_whole_parameters(self.optimizer, self.parameter_names(), merged)
 
-    def weights_loaded(self) -> None:
-        """The module's weights were replaced in place (resume): refresh any copy of them."""
+    def weights_changed(self) -> None:
+        """The module's weights were changed in place (a resume, AQE's clipping): refresh any copy of them."""
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -265,8 +265,10 @@ class DeepSpeedEngine(Engine):
     def step(self, boundary: bool) -> None:
         self.engine.step()  # DeepSpeed counts micro-batches itself and steps on the boundary
 
-    def weights_loaded(self) -> None:
-        """ZeRO keeps an fp32 copy of this rank's partition of the weights: copy it from the module."""
+    def weights_changed(self) -> None:
+        """ZeRO keeps an fp32 copy of this rank's partition of the weights, which its step updates and
+        copies back to the module: after the module's weights change any other way (a checkpoint
+        loaded, AQE's clipping) the copy is refreshed from the module, or the next step undoes it."""
         if self.zero:
             self.optimizer.refresh_fp32_params()
 

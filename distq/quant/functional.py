@@ -1,4 +1,4 @@
-"""Pure tensor maths of the quantizers (METHODS.md section 1).
+"""Pure tensor maths of the quantizers (docs/methods.md, "Quantizers").
 
 Everything here is a function of tensors and plain numbers; the layers in
 ``distq.quant.layers`` decide *when* to call it. Each quantizer is one custom
@@ -186,7 +186,7 @@ def act_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return _ActQuant.apply(x, bits)
 
 
-# --- AQE: the asymptotic-quantized estimator (seed 004) -------------------------------
+# --- AQE: the asymptotic-quantized estimator (docs/methods.md, "AQE") ---------------------------
 
 
 def pow2_magnitudes(bits: int) -> list[float]:

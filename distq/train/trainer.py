@@ -120,7 +120,7 @@ class Trainer:
         for name, model in self.models.items():
             load_weights(model, state["models"][name], source)
         self.controller.load_state_dict(state["controller"])
-        self.engine.weights_loaded()
+        self.engine.weights_changed()
         if self.controller.aux_removed:
             self.engine.freeze_groups(AUX_GROUP)
         self.epoch, self.step = state["epoch"], state["step"]
@@ -214,6 +214,8 @@ class Trainer:
             if not boundary:
                 continue
             self.controller.on_event(Event.AFTER_STEP, self.step)
+            if self.controller.edits_weights:
+                self.engine.weights_changed()
             self.step += 1
             if self.step % every == 0 or self.epoch_step == self.steps_per_epoch:
                 values = {name: r.item() / (self.step - logged_at) for name, r in running.items()}

@@ -1,4 +1,4 @@
-"""Guided training (METHODS.md 5): the mutual-distillation losses equal a hand computation,
+"""Guided training (docs/methods.md, "Guided training"): the mutual-distillation losses equal a hand computation,
 and every model's parameters receive gradients from its own loss terms only."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The quantizer maths of METHODS.md section 1, checked against independent references."""
+"""The quantizer maths of docs/methods.md ("Quantizers"), checked against independent references."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The fused quantizers of ``distq.quant.functional`` against a plain autograd reference.
 
-The references below are the METHODS.md section 1 formulas written the obvious way, with
+The references below are the formulas of docs/methods.md ("Quantizers") written the obvious way, with
 autograd differentiating everything but the rounding (and, for 1-bit weights, the sign).
 The fused versions must give the same outputs and the same gradients, bit for bit: they
 perform the same float operations, only in fewer buffers. Checked for bits 1..8, per-layer

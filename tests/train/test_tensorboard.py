@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,6 @@ from distq.config import config_from_dict
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.models.build import build_model
 from distq.quant.layers import QAct, quant_layers
-from distq.train.schedule import lr_factor
 
 STEPS_PER_EPOCH = 1442 // 128  # digits train split, batch 128, drop_last
 EPOCHS = 2
@@ -46,9 +46,12 @@ def test_loss_accuracy_and_lr_scalars(tiny_run, events):
     assert all(0 < v < 10 for _, v in values(events, "train/loss"))
 
     cfg = config_from_dict(yaml.safe_load((tiny_run / "config.yaml").read_text()))
-    for step, lr in values(events, "lr"):
-        # The lr logged at step s is the one the s-th optimizer step (0-based s - 1) used.
-        assert lr == pytest.approx(cfg.train.lr * lr_factor(step - 1, STEPS_PER_EPOCH, cfg.train), rel=1e-6)
+    assert (cfg.train.lr, cfg.train.schedule, cfg.train.warmup_epochs, cfg.train.epochs) == (0.1, "cosine", 1.0, 2)
+    # The lr logged at step s is the one the s-th optimizer step (0-based s - 1) used: warm-up to
+    # 0.1 over the 11 steps of epoch 1, then a cosine over the 11 of epoch 2 (by hand, not lr_factor).
+    cosine = lambda done: 0.05 * (1 + math.cos(math.pi * done / 11))  # noqa: E731
+    expected = {5: 0.1 * 5 / 11, 10: 0.1 * 10 / 11, 11: 0.1, 15: cosine(3), 20: cosine(8), 22: cosine(10)}
+    assert dict(values(events, "lr")) == pytest.approx(expected, rel=1e-6)
 
 
 def test_bit_width_scalars(tiny_run, events):

@@ -16,6 +16,7 @@ from distq.quant.layers import QConv2d, QLinear, quant_layers
 
 class Aqe(Policy):
     key = "aqe"
+    edits_weights = True  # the clip after every step
 
     @classmethod
     def configured(cls, cfg) -> bool:

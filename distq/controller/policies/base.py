@@ -35,6 +35,9 @@ class Policy:
     """Its config section: ``precision.<key>``."""
     excludes: ClassVar[dict[str, str]] = {}
     """Policies (by key) it cannot run with, and why."""
+    edits_weights: ClassVar[bool] = False
+    """Whether its handlers change the students' weights outside the optimizer (the engine must
+    then refresh any copy of them it keeps)."""
 
     @classmethod
     def configured(cls, cfg) -> bool:

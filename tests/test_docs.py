@@ -1,0 +1,65 @@
+"""The documentation lives in the repository: every Markdown link of README.md and docs/
+resolves to a file of the repository (and a #section to one of its headings), nothing points
+outside it, and docs/methods.md describes every precision and guided-training key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from distq.config import DistqConfig
+from distq.config.loader import valid_keys
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def links(path: Path) -> list[str]:
+    return LINK.findall(FENCE.sub("", path.read_text()))
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's ids of a file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+\s+(.*?)\s*$", FENCE.sub("", path.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_docs_exist():
+    assert (REPO / "docs" / "methods.md").is_file()
+    assert any(target.startswith("docs/methods.md") for target in links(REPO / "README.md"))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_link_resolves_inside_the_repository(doc):
+    found = links(doc)
+    assert found, f"{doc} has no links"
+    for target in found:
+        assert "://" not in target and not target.startswith(("/", "mailto:")), f"{doc.name}: {target} leaves the repository"
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        assert file.is_file(), f"{doc.name}: {target} is not a file"
+        assert file.is_relative_to(REPO), f"{doc.name}: {target} is outside the repository"
+        if anchor:
+            assert anchor in anchors(file), f"{doc.name}: {target}: no heading #{anchor} in {file.name}"
+
+
+def test_no_reference_to_files_outside_the_repository():
+    """Neither the shared methods notes beside the checkout nor their numbered seed papers."""
+    pattern = re.compile(r"\.\./shared|seeds? 00\d")
+    places = [REPO / "README.md", *(REPO / "docs").rglob("*"), *(REPO / "distq").rglob("*.py"), *(REPO / "configs").rglob("*")]
+    hits = [f"{p.relative_to(REPO)}:{n}" for p in places if p.is_file() for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
+
+
+def test_methods_reference_names_every_policy_and_guided_key():
+    text = (REPO / "docs" / "methods.md").read_text()
+    keys = [k for k in valid_keys(DistqConfig) if k.startswith(("precision.", "guided.")) and k.count(".") >= 1]
+    leaves = [k for k in keys if not any(other.startswith(k + ".") for other in keys)]
+    missing = [k for k in leaves if f"`{k}`" not in text and k.rsplit(".", 1)[0] + "." not in text]
+    assert missing == []
+    for arxiv in ("1606.06160", "1711.00205", "1908.04680", "1905.11781", "2206.12794", "2003.04296"):
+        assert f"arXiv:{arxiv}" in text
