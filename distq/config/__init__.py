@@ -75,7 +75,8 @@ def describe_keys(cls: type = DistqConfig, prefix: str = "") -> list[str]:
             default = repr(f.default_factory())
         else:
             default = "(required)"
-        lines.append(f"{key} = {default}  # {docs.get(f.name, '')}".rstrip("# "))
+        doc = docs.get(f.name, "")
+        lines.append(f"{key} = {default}" + (f"  # {doc}" if doc else ""))
         items = typing.get_args(hints[f.name])
         if typing.get_origin(hints[f.name]) is list and items and dataclasses.is_dataclass(items[0]):
             lines.extend(describe_keys(items[0], key + "[]."))

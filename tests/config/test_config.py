@@ -156,9 +156,14 @@ def test_describe_keys_lists_every_leaf_key_with_default_and_meaning():
     assert described - keys == {"guided.students[].w_bits", "guided.students[].a_bits", "guided.students[].name"}
 
 
-def test_help_config_describes_every_key():
+def test_help_config_describes_every_key(capsys):
     """``distq train --help-config``: every key and optional section has a meaning after ``#``."""
-    undescribed = [line for line in describe_keys() if "  # " not in line or not line.split("  # ", 1)[1].strip()]
+    from distq.cli import main
+
+    assert main(["train", "--help-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == describe_keys()
+    undescribed = [line for line in lines if "  # " not in line or not line.split("  # ", 1)[1].strip()]
     assert undescribed == []
 
 
