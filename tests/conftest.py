@@ -225,18 +225,18 @@ def same_state():
 
 @pytest.fixture(scope="session")
 def torchrun(distq_cache):
-    """``torchrun(nproc, *args, log=PATH, env=None, wait=True)``: ``python -m distq ARGS`` on
-    ``nproc`` processes (torchrun, a free port); returns the exit status, or the ``Popen`` with wait=False."""
+    """``torchrun(nproc, *args, log=PATH, env=None, wait=True, timeout=900)``: ``python -m distq ARGS``
+    on ``nproc`` processes (torchrun, a free port); returns the exit status, or the ``Popen`` with wait=False."""
     import socket
 
-    def run(nproc: int, *args: str, log: Path, env: dict[str, str] | None = None, wait: bool = True):
+    def run(nproc: int, *args: str, log: Path, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 900):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "-m", "distq", *map(str, args)]
         with open(log, "w") as out:
             proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_cli_env(distq_cache, env), stdout=out, stderr=subprocess.STDOUT)
-        return proc.wait(timeout=900) if wait else proc
+        return proc.wait(timeout=timeout) if wait else proc
 
     return run
 
