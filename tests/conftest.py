@@ -22,6 +22,14 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Without a GPU, Triton kernels (quant.kernels=triton) run under Triton's CPU interpreter. Set
+# before anything imports a @triton.jit function (the flag is read when a kernel is defined).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 CONFIGS = REPO_ROOT / "configs"
 
 

@@ -81,6 +81,10 @@ class QuantConfig:
     """Keep the last linear layer full precision."""
     keep_final_act_fp: bool = True
     """Keep the activation feeding the final pooling full precision."""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """Quantizer implementation: triton (fused Triton kernels: on CUDA, or on the CPU under
+    TRITON_INTERPRET=1 for tests), torch (plain PyTorch operations), auto (Triton for CUDA
+    tensors, PyTorch elsewhere). All give the same outputs to the bit."""
 
     def __post_init__(self):
         _check_bits("quant.w_bits", self.w_bits)
@@ -143,6 +147,11 @@ class TrainConfig:
     null: data.batch_size x dist.grad_accum x processes. A resumed run keeps its global batch."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; null disables."""
+    compile: bool = False
+    """torch.compile every model (in place: parameter names unchanged), under DeepSpeed too; on CUDA
+    with one process in "reduce-overhead" mode (CUDA graphs). The quantizers are custom operators the
+    compiler keeps whole; a bit-width change recompiles once. Not with precision.stochastic,
+    precision.aqe or precision.aux_branch, which change the network every step."""
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
@@ -363,6 +372,13 @@ class DistqConfig:
     def __post_init__(self):
         from distq.controller.validate import validate_precision
 
+        if self.train.compile:
+            per_step = [name for name in ("stochastic", "aqe", "aux_branch") if getattr(self.precision, name) is not None]
+            if per_step:
+                raise ValueError(
+                    f"train.compile cannot be combined with precision.{per_step[0]}: it changes the network every step, "
+                    "and torch.compile would compile it again each time; set train.compile=false"
+                )
         if self.train.global_batch is not None and self.dist.grad_accum != 1:
             raise ValueError(
                 f"train.global_batch={self.train.global_batch} chooses the accumulation steps itself: "

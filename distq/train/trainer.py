@@ -26,8 +26,10 @@ from distq.data import build_loaders
 from distq.data.bundle import epoch_seed
 from distq.data.order import configured_layout
 from distq.distributed import TeamModule, build_engine, detect
+from distq.distributed.engine import use_device
 from distq.quant.layers import QAct, quant_layers
 from distq.train.checkpointing import Checkpointing, resume_layout
+from distq.train.compiling import compile_models
 from distq.train.evaluation import evaluate_counts, metrics_from_counts
 from distq.train.optim import build_optimizer, param_groups
 from distq.train.preemption import Preempted, PreemptionFlag
@@ -67,6 +69,8 @@ class Trainer:
         for name, params in self.controller.aux_parameters().items():
             groups.append({"params": params, "weight_decay": cfg.train.weight_decay, "base_lr": cfg.train.lr, "model": AUX_GROUP + name})
         extra = nn.ModuleDict(self.controller.aux)
+        if cfg.train.compile:
+            compile_models(self.models, use_device(self.env), self.env.world == 1)
         self.engine = build_engine(TeamModule(self.models, extra), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, self.layout, self.env)
         self.epoch = 0  # completed epochs
         self.step = 0  # completed optimizer steps (the epoch's own: step - epoch * steps_per_epoch)
