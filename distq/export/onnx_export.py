@@ -21,7 +21,6 @@ from distq.export.format import ExportError
 from distq.export.onnx_format import DEPLOY_HINT, ONNX_FORMATS, OPSET
 
 
-
 def require(module: str, what: str):
     """Import an optional deploy dependency, or say how to install it."""
     import importlib

@@ -75,7 +75,8 @@ class Graph:
         from onnx import numpy_helper
 
         name = self.unique(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.array, not np.ascontiguousarray, which turns a scalar into a 1-element vector.
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def add(self, op: str, inputs: list[str], hint: str, domain: str = "", **attrs) -> str:

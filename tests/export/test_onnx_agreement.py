@@ -1,0 +1,68 @@
+"""ONNX exports of trained digits models in onnxruntime against the fake-quantized PyTorch
+model, on the whole val split (slow: each case trains a model).
+
+The bar (acceptance check 2 of the ONNX export): the same top-1 class on >= 99.9% of the 355
+val images (so on every one), and the largest per-image |logit difference| at most 5% of the
+largest |logit|. Each case also exports with batch-norm kept as BatchNormalization nodes and
+reports both, which is how the default (folded) was chosen. Run with ``-s`` to see the lines::
+
+    onnx agreement w4a4 folded: 355/355 images, max |logit diff| 1.1e-05 (max |logit| 12.3), ...
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from distq.infer.verify import compare
+
+TINY = ("model.width=8", "train.epochs=4", "data.batch_size=64")
+# name: (config, overrides, model of the checkpoint)
+RECIPES = {
+    "fp": ("digits_w4a4.yaml", ("quant.w_bits=32", "quant.a_bits=32"), "model"),
+    "w1a1": ("digits_w4a4.yaml", ("quant.w_bits=1", "quant.a_bits=1"), "model"),
+    "w2a2": ("digits_w4a4.yaml", ("quant.w_bits=2", "quant.a_bits=2"), "model"),
+    "w4a4": ("digits_w4a4.yaml", ("quant.w_bits=4", "quant.a_bits=4"), "model"),
+    "w8a8": ("digits_w4a4.yaml", ("quant.w_bits=8", "quant.a_bits=8"), "model"),
+    "alexnet_w4a4": ("digits_w4a4.yaml", ("model.arch=alexnet", "model.width=64", "train.epochs=3", "train.lr=0.02"), "model"),
+    "guided_student_w4a4": ("digits_resnet18_w4a4_guided.yaml", (), "student_w4a4"),
+}
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tmp_path_factory, run_distq, tiny_args):
+    """``onnx_exports(name)`` -> (run dir, {"folded": file, "unfolded": file}), trained once per session."""
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            config, overrides, model = RECIPES[name]
+            run_dir = tmp_path_factory.mktemp(name)
+            proc = run_distq(*tiny_args(run_dir, *TINY, *overrides, config=config), timeout=3600)
+            assert proc.returncode == 0, proc.stderr
+            files = {}
+            for kind, flags in (("folded", ()), ("unfolded", ("--no-fold-bn",))):
+                files[kind] = run_dir / f"{kind}.onnx"
+                proc = run_distq("export", run_dir, "--format", "onnx", "--model", model, "--out", files[kind], *flags)
+                assert proc.returncode == 0, proc.stderr
+            made[name] = (str(run_dir), files)
+        return made[name]
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_onnxruntime_agrees_with_the_fake_quantized_model(onnx_exports, name):
+    run_dir, files = onnx_exports(name)
+    reports = {kind: compare(run_dir, str(path), engine_name="onnx") for kind, path in files.items()}
+    for kind, r in reports.items():
+        print(
+            f"onnx agreement {name} {kind}: {r['agree']}/{r['images']} images, max |logit diff| {r['max_logit_gap']:.2g} "
+            f"(max |logit| {r['max_abs_logit']:.3g}), images differing by > 1e-3: {r['images_with_gap_over_1e-3']}, "
+            f"top-1 fake-quant {r['top1_fake_quant']:.2f}% onnxruntime {r['top1_int']:.2f}%"
+        )
+    report = reports["folded"]
+    assert report["images"] == 355
+    assert report["agree"] >= 0.999 * report["images"], report
+    assert report["max_logit_gap"] <= 0.05 * report["max_abs_logit"], report
+    assert report["top1_fake_quant"] > 50, report  # a trained model, not a degenerate one
