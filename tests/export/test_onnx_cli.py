@@ -47,8 +47,8 @@ def exports(tmp_path_factory, run_distq, tiny_run):
 
 
 def val_batch(digits_root, n: int = 6) -> tuple[torch.Tensor, list[str]]:
-    from distq.data.transforms import val_transform
     from distq.data.folder import load_rgb
+    from distq.data.transforms import val_transform
 
     paths = [sorted((digits_root / "val" / f"digit_{d}").iterdir())[0] for d in range(n)]
     transform = val_transform(32, 1.0)
