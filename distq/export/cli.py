@@ -20,7 +20,8 @@ def add_commands(sub) -> None:
         description="Export a trained checkpoint. safetensors (default): quantized weights packed at their bit-widths, "
         "scales, folded batch-norm, the architecture and the class names, for distq's integer engine. onnx: a standard "
         f"ONNX graph (opset {OPSET}) in the QCDQ style (QuantizeLinear -> Clip -> DequantizeLinear on int8/uint8) "
-        "that onnxruntime and TensorRT run; preprocessing and class names in its metadata. qonnx: the same graph with "
+        "for standard ONNX runtimes (tested with onnxruntime's CPU provider); preprocessing and class names in its "
+        "metadata. qonnx: the same graph with "
         "QONNX Quant/BipolarQuant nodes, for FINN-style FPGA flows. onnx and qonnx need 'pip install distq[deploy]'; "
         "AQE activations and AQE weights whose alpha is below 1 have no exact ONNX form and are refused.",
     )

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from distq.infer.engine import load_engine
+from distq.infer.evaluate import load_runner
 from distq.quant.layers import quant_layers
 
 
@@ -83,12 +84,7 @@ def compare(
     """
     from distq.data import build_val_loader, resolve_root
 
-    if engine_name == "onnx":
-        from distq.infer.onnx_runtime import OnnxModel
-
-        engine = OnnxModel(export_file)
-    else:
-        engine = load_engine(export_file, dtype)
+    engine = load_runner(export_file, "onnx") if engine_name == "onnx" else load_engine(export_file, dtype)
     reference_dtype = reference_dtype or dtype
     model, cfg = reference_model(checkpoint, engine.header["source"]["model"], reference_dtype)
     cfg.data.workers = 0

@@ -11,7 +11,9 @@ reports both, which is how the default (folded) was chosen. Run with ``-s`` to s
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from distq.infer.verify import compare
 
@@ -25,7 +27,11 @@ RECIPES = {
     "w8a8": ("digits_w4a4.yaml", ("quant.w_bits=8", "quant.a_bits=8"), "model"),
     "alexnet_w4a4": ("digits_w4a4.yaml", ("model.arch=alexnet", "model.width=64", "train.epochs=3", "train.lr=0.02"), "model"),
     "guided_student_w4a4": ("digits_resnet18_w4a4_guided.yaml", (), "student_w4a4"),
+    "w4a4_full": ("digits_w4a4.yaml", (), "model"),
 }
+
+
+FULL = "w4a4_full"  # the default job's full recipe (configs/digits_w4a4.yaml: width 16, 15 epochs)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +43,11 @@ def onnx_exports(tmp_path_factory, run_distq, tiny_args):
         if name not in made:
             config, overrides, model = RECIPES[name]
             run_dir = tmp_path_factory.mktemp(name)
-            proc = run_distq(*tiny_args(run_dir, *TINY, *overrides, config=config), timeout=3600)
+            if name == FULL:
+                args = ["train", f"configs/{config}", "data.workers=0", "log.progress=false", f"run.dir={run_dir}"]
+            else:
+                args = tiny_args(run_dir, *TINY, *overrides, config=config)
+            proc = run_distq(*args, timeout=3600)
             assert proc.returncode == 0, proc.stderr
             files = {}
             for kind, flags in (("folded", ()), ("unfolded", ("--no-fold-bn",))):
@@ -66,3 +76,31 @@ def test_onnxruntime_agrees_with_the_fake_quantized_model(onnx_exports, name):
     assert report["agree"] >= 0.999 * report["images"], report
     assert report["max_logit_gap"] <= 0.05 * report["max_abs_logit"], report
     assert report["top1_fake_quant"] > 50, report  # a trained model, not a degenerate one
+
+
+@pytest.mark.slow
+def test_qonnx_executor_reproduces_onnxruntime_on_a_trained_model(onnx_exports, run_distq, digits_root, tmp_path):
+    """Acceptance check 3 on a trained W2A2 model: the QONNX file through qonnx's cleanup, and
+    its executor against the ONNX file in onnxruntime on a few val images."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    from distq.data.folder import load_rgb
+    from distq.data.transforms import val_transform
+    from distq.infer.onnx_runtime import OnnxModel
+
+    run_dir, files = onnx_exports("w2a2")
+    qonnx_file = tmp_path / "w2a2.qonnx.onnx"
+    proc = run_distq("export", run_dir, "--format", "qonnx", "--out", qonnx_file)
+    assert proc.returncode == 0, proc.stderr
+    paths = [sorted((digits_root / "val" / f"digit_{d}").iterdir())[0] for d in (0, 3, 7, 9)]
+    transform = val_transform(32, 1.0)
+    images = np.stack([transform(load_rgb(str(p))).numpy() for p in paths])
+    expected = OnnxModel(files["folded"])(torch.from_numpy(images)).numpy()
+    model = cleanup_model(ModelWrapper(str(qonnx_file)), override_inpsize=1)
+    name_in, name_out = model.graph.input[0].name, model.graph.output[0].name
+    got = np.concatenate([execute_onnx(model, {name_in: images[i : i + 1]})[name_out] for i in range(len(images))])
+    print(f"qonnx executor vs onnxruntime, trained w2a2, 4 images: max |logit diff| {np.abs(got - expected).max():.2g}")
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3 * np.abs(expected).max())

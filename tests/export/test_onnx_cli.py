@@ -144,3 +144,12 @@ def test_eval_engine_onnx_on_a_safetensors_file_is_one_error_line(tiny_run, tmp_
     capsys.readouterr()
     assert main(["eval", "--engine", "onnx", str(out)]) == 2
     assert f"ONNX file '{out}' cannot be run by onnxruntime" in one_error_line(capsys)
+
+
+def test_export_help_names_the_formats_and_the_opset(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("safetensors, onnx, qonnx (default: safetensors)", "opset 13", "QuantizeLinear -> Clip -> DequantizeLinear", "distq[deploy]", "--no-fold-bn"):
+        assert words in text
