@@ -116,9 +116,13 @@ def _trace(model: nn.Module, image_size: int) -> fx.GraphModule:
     """The model's forward as an fx graph, every node annotated with its output shape."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    traced = fx.GraphModule(model, _Tracer().trace(model))
-    with torch.no_grad():
-        ShapeProp(traced).propagate(torch.zeros(1, 3, image_size, image_size))
+    try:
+        traced = fx.GraphModule(model, _Tracer().trace(model))
+        with torch.no_grad():
+            ShapeProp(traced).propagate(torch.zeros(1, 3, image_size, image_size))
+    except Exception as exc:  # fx raises many types for a forward it cannot follow
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX: torch.fx cannot trace its forward ({reason})") from None
     return traced
 
 
