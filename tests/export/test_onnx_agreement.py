@@ -72,6 +72,7 @@ def onnx_exports(tmp_path_factory, run_distq, tiny_args):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the AlexNet case trains for 10+ minutes on a busy 2-core machine
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_onnxruntime_agrees_with_the_fake_quantized_model(onnx_exports, name):
     run_dir, files = onnx_exports(name)
