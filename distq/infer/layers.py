@@ -11,6 +11,11 @@ that holds the activation scale, the weight scale and the folded batch-norm::
 
 A quantized layer that receives a plain float tensor (AlexNet's first classifier layer
 reads the full-precision final features) multiplies by its integer weights in float.
+
+Each layer runs one of two kernel sets with identical results: the native kernels
+(``distq.infer.native``: packed 64-bit words, hardware popcount, the affine fused into the
+GEMM's output) when ``native`` is set, else the torch reference kernels of
+``distq.infer.bitops``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from distq.export.codes import aqe_exponent, levels
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chunks, pack_weight
+from distq.infer.native.ops import NativeWeight, pack_rows, pixel_planes, quantize_unit
 from distq.quant.functional import aqe_hard
 
 MAX_AQE_BITS = 5
@@ -37,12 +43,21 @@ class CodedActivation(torch.Tensor):
     ints: torch.Tensor
     code: PlaneCode
     scale: float
+    pixel_planes: torch.Tensor | None
+    """The integers packed for the native kernels, made by the first conv that reads them and
+    reused by the next (a block's input feeds conv1 and the downsample)."""
 
 
 def coded(values: torch.Tensor, ints: torch.Tensor, code: PlaneCode, scale: float) -> CodedActivation:
     out = values.as_subclass(CodedActivation)
-    out.ints, out.code, out.scale = ints, code, scale
+    out.ints, out.code, out.scale, out.pixel_planes = ints, code, scale, None
     return out
+
+
+def packed_pixels(x: CodedActivation) -> torch.Tensor:
+    if x.pixel_planes is None:
+        x.pixel_planes = pixel_planes(x.ints, x.code)
+    return x.pixel_planes
 
 
 class IntAct(nn.Module):
@@ -53,18 +68,22 @@ class IntAct(nn.Module):
     (``aqe_hard``, per-sample ternary threshold as in QAct), times 2^P.
     """
 
-    def __init__(self, bits: int, method: str):
+    def __init__(self, bits: int, method: str, native: bool = False):
         super().__init__()
         if method == "aqe" and bits > MAX_AQE_BITS:
             raise ExportError(f"the integer engine runs AQE activations of 1..{MAX_AQE_BITS} bits, not {bits}")
-        self.bits, self.method = bits, method
+        self.bits, self.method, self.native = bits, method, native
 
     def forward(self, x: torch.Tensor) -> CodedActivation:
         x = x.as_subclass(torch.Tensor)
         if self.method == "dorefa":
             n = levels(self.bits)
-            ints = torch.round(x.clamp(0, 1) * n).to(torch.uint8)
-            return coded(ints.to(x.dtype) / n, ints, PlaneCode("unsigned", self.bits), 1.0 / n)
+            if self.native:  # the same expression in one pass instead of six
+                ints, values = quantize_unit(x, n)
+            else:
+                ints = torch.round(x.clamp(0, 1) * n).to(torch.uint8)
+                values = ints.to(x.dtype) / n
+            return coded(values, ints, PlaneCode("unsigned", self.bits), 1.0 / n)
         hard = aqe_hard(x, self.bits, tuple(range(1, x.dim())))
         p = aqe_exponent(self.bits)
         # int8 while the two's complement code fits a byte: the fast byte-parallel packing.
@@ -79,7 +98,12 @@ class IntAct(nn.Module):
 class _BitLayer(nn.Module):
     """Shared by BitConv2d and BitLinear: packed weights, the affine, the two input paths."""
 
-    def __init__(self, ints: torch.Tensor, bits: int, method: str, weight_scale, out_scale, out_shift, dtype):
+    def __init__(
+        self, ints: torch.Tensor, bits, method, weight_scale, out_scale, out_shift, dtype, native=False, conv_geometry=()
+    ):
+        """``native``: also pack the weight for the native kernels and run them on integer
+        inputs; ``conv_geometry``: (kernel, stride, padding) of a conv (a linear is a 1x1 conv
+        over a 1x1 image whose channels are its in-features)."""
         super().__init__()
         if method == "aqe" and bits > MAX_AQE_BITS:
             raise ExportError(f"the integer engine runs AQE weights of 1..{MAX_AQE_BITS} bits, not {bits}")
@@ -94,6 +118,11 @@ class _BitLayer(nn.Module):
         self.out_scale_f, self.out_shift_f = out_scale.to(dtype), out_shift.to(dtype)
         self._float_weight: torch.Tensor | None = None
         self.calls = {"bit": 0, "float": 0}
+        self.native: NativeWeight | None = None
+        if native:
+            self.native = NativeWeight(self.packed, ints.shape[1], *conv_geometry)
+            self._native_shift = self.out_shift.expand(self.native.out).contiguous()
+            self._native_scale: tuple[float, torch.Tensor] | None = None
 
     def float_weight(self) -> torch.Tensor:
         """The dequantized weight, for float inputs only; made on first use so that an
@@ -116,6 +145,14 @@ class _BitLayer(nn.Module):
             y[rows] = acc.double().mul_(scale).add_(self.out_shift)
         return y
 
+    def _native_forward(self, x: CodedActivation, planes: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+        """Packed activations -> (rows, out) floats: the native GEMM with the affine fused into
+        its output, in the reference's float64 arithmetic."""
+        self.calls["bit"] += 1
+        if self._native_scale is None or self._native_scale[0] != x.scale:  # the same scale on every call
+            self._native_scale = (x.scale, (x.scale * self.acc_scale).expand(self.native.out).contiguous())
+        return self.native.conv(planes, x.code, n, h, w, self._native_scale[1], self._native_shift, x.dtype)
+
     def _float_affine(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         return channel_affine(y, self.out_scale_f, self.out_shift_f, channel_dim)
 
@@ -128,9 +165,12 @@ def channel_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ch
 
 
 class BitConv2d(_BitLayer):
-    def __init__(self, conv: nn.Conv2d, ints, bits, method, weight_scale, out_scale, out_shift, dtype=torch.float32):
-        super().__init__(ints, bits, method, weight_scale, out_scale, out_shift, dtype)
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+    def __init__(
+        self, conv: nn.Conv2d, ints, bits, method, weight_scale, out_scale, out_shift, dtype=torch.float32, native=False
+    ):
+        geometry = (conv.kernel_size, conv.stride, conv.padding)
+        super().__init__(ints, bits, method, weight_scale, out_scale, out_shift, dtype, native, geometry)
+        self.kernel_size, self.stride, self.padding = geometry
 
     def _weight_shape(self, rows: torch.Tensor) -> torch.Tensor:
         """(out, kh * kw * C) rows -> (out, C, kh, kw), undoing ``conv_weight_rows``."""
@@ -142,8 +182,13 @@ class BitConv2d(_BitLayer):
             self.calls["float"] += 1
             y = F.conv2d(x, self.float_weight(), None, self.stride, self.padding)
             return self._float_affine(y, 1)
-        patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
-        y = self._bit_forward(patches, x)  # (N * OH * OW, out)
+        if self.native is not None:
+            n, _, h, w = x.shape
+            oh, ow = self.native.output_size(h, w)
+            y = self._native_forward(x, packed_pixels(x), n, h, w)
+        else:
+            patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
+            y = self._bit_forward(patches, x)  # (N * OH * OW, out)
         # NCHW view of channels-last memory: the next im2col reads it without a transpose.
         return y.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
 
@@ -156,7 +201,10 @@ class BitLinear(_BitLayer):
         if not isinstance(x, CodedActivation):
             self.calls["float"] += 1
             return self._float_affine(F.linear(x, self.float_weight()), -1)
-        return self._bit_forward(x.ints.reshape(-1, x.shape[-1]), x).view(*x.shape[:-1], -1)
+        rows = x.ints.reshape(-1, x.shape[-1])
+        if self.native is not None:
+            return self._native_forward(x, pack_rows(rows, x.code), rows.shape[0], 1, 1).view(*x.shape[:-1], -1)
+        return self._bit_forward(rows, x).view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
         return f"out={self.packed.out_features}, bits={self.bits}"

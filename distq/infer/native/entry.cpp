@@ -1,0 +1,118 @@
+// The C entry points: pick the instruction set once (the widest the CPU supports, or the one
+// dq_set_isa chose), keep per-thread scratch buffers, and run packing, im2col and GEMM.
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "isa_table.h"
+
+using namespace distq_native;
+
+namespace {
+
+const IsaKernels* kernels_for(int isa) {
+    switch (isa) {
+        case DQ_ISA_PORTABLE:
+            return portable_kernels();
+#ifdef DQ_WITH_X86
+        case DQ_ISA_AVX2:
+            __builtin_cpu_init();
+            if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return avx2_kernels();
+            return nullptr;
+        case DQ_ISA_AVX512:
+            __builtin_cpu_init();
+            if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt"))
+                return avx512_kernels();
+            return nullptr;
+#endif
+        default:
+            return nullptr;
+    }
+}
+
+int chosen_isa = -1;
+
+const IsaKernels* active() {
+    if (chosen_isa < 0) chosen_isa = dq_best_isa();
+    return kernels_for(chosen_isa);
+}
+
+// A grow-only buffer per thread: the im2col rows of a large layer are megabytes, and fresh
+// pages on every call would cost more than filling them.
+template <typename T>
+T* scratch(std::unique_ptr<T[]>& buffer, int64_t& capacity, int64_t size) {
+    if (size > capacity) {
+        buffer.reset(new T[size]);
+        capacity = size;
+    }
+    return buffer.get();
+}
+
+}  // namespace
+
+extern "C" {
+
+int dq_best_isa(void) {
+    for (int isa = DQ_ISA_AVX512; isa > DQ_ISA_PORTABLE; --isa)
+        if (kernels_for(isa)) return isa;
+    return DQ_ISA_PORTABLE;
+}
+
+int dq_set_isa(int32_t isa) {
+    if (!kernels_for(isa)) return -1;
+    chosen_isa = isa;
+    return 0;
+}
+
+int dq_current_isa(void) {
+    active();
+    return chosen_isa;
+}
+
+const char* dq_isa_name(int32_t isa) {
+    const IsaKernels* k = kernels_for(isa);
+    return k ? k->name : "unsupported";
+}
+
+int dq_pack(const void* ints, int32_t elem, int64_t rows, int64_t cols, const dq_code* code, uint64_t* out,
+            int32_t threads) {
+    if (code->planes < 1 || code->planes > DQ_MAX_PLANES || (code->sign && code->planes != 2)) return -1;
+    if (elem < DQ_ELEM_U8 || elem > DQ_ELEM_I32) return -1;
+    active()->pack(ints, elem, rows, cols, code, out, threads);
+    return 0;
+}
+
+int dq_bit_conv(const dq_layer* layer, const dq_code* act, const uint64_t* pixels, int64_t n, int64_t h, int64_t w,
+                const double* scale, const double* shift, void* out, int32_t out_kind, int32_t threads) {
+    const dq_layer& L = *layer;
+    const int64_t oh = (h + 2 * L.pad_h - L.kernel_h) / L.stride_h + 1;
+    const int64_t ow = (w + 2 * L.pad_w - L.kernel_w) / L.stride_w + 1;
+    if (oh <= 0 || ow <= 0 || act->planes < 1 || act->planes > DQ_MAX_PLANES) return -1;
+    if ((int64_t)L.kernel_h * L.kernel_w * L.in_channels > 64 * L.k_words) return -1;
+    const bool xnor = act->sign && L.code.sign;
+    const int64_t m = n * oh * ow;
+    const bool rows_are_pixels =
+        L.kernel_h == 1 && L.kernel_w == 1 && L.stride_h == 1 && L.stride_w == 1 && L.pad_h == 0 && L.pad_w == 0;
+
+    thread_local std::unique_ptr<uint64_t[]> row_buffer;
+    thread_local std::unique_ptr<int64_t[]> sum_buffer;
+    thread_local int64_t row_capacity = 0, sum_capacity = 0;
+    uint64_t* rows = rows_are_pixels ? nullptr : scratch(row_buffer, row_capacity, m * act->planes * L.k_words);
+    int64_t* sums = scratch(sum_buffer, sum_capacity, m);
+
+    const IsaKernels* k = active();
+    k->im2col(Im2colArgs{layer, act, pixels, n, h, w, oh, ow, rows, sums, xnor, rows_are_pixels}, threads);
+    k->gemm(GemmArgs{layer, act, rows_are_pixels ? pixels : rows, sums, m, xnor, scale, shift, out, out_kind}, threads);
+    return 0;
+}
+
+int dq_quantize_unit(const void* x, int32_t is_double, int64_t count, int32_t levels, uint8_t* ints, void* values,
+                     int32_t threads) {
+    if (levels < 1 || levels > 255) return -1;
+    active()->quantize(x, is_double, count, levels, ints, values, threads);
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,50 @@
+// What each instruction-set translation unit (isa_*.cpp) provides to the dispatcher (entry.cpp).
+#pragma once
+
+#include "bitops_api.h"
+
+namespace distq_native {
+
+// One GEMM of packed activation rows with a packed layer, and its fused epilogue.
+struct GemmArgs {
+    const dq_layer* layer;
+    const dq_code* act;
+    const uint64_t* rows;   // [m][act->planes][layer->k_words]
+    const int64_t* rowsum;  // per row: the sum of its integers (times layer->offset), or for XNOR its valid count
+    int64_t m;
+    bool xnor;
+    const double* scale;  // [layer->out], for float outputs
+    const double* shift;
+    void* out;  // [m][layer->out]
+    int32_t out_kind;
+};
+
+// im2col on packed pixels: the bit rows of every output position, and each row's sum.
+struct Im2colArgs {
+    const dq_layer* layer;
+    const dq_code* act;
+    const uint64_t* pixels;  // [n * h * w][act->planes][ceil(in_channels / 64)]
+    int64_t n, h, w, oh, ow;
+    uint64_t* rows;  // [n * oh * ow][act->planes][layer->k_words]; unused when the rows are the pixels
+    int64_t* rowsum;
+    bool xnor;
+    bool rows_are_pixels;  // 1x1, stride 1, no padding: nothing to copy, only the sums
+};
+
+struct IsaKernels {
+    const char* name;
+    void (*pack)(const void* ints, int32_t elem, int64_t rows, int64_t cols, const dq_code* code, uint64_t* out,
+                 int32_t threads);
+    void (*im2col)(const Im2colArgs& args, int32_t threads);
+    void (*gemm)(const GemmArgs& args, int32_t threads);
+    void (*quantize)(const void* x, int32_t is_double, int64_t count, int32_t levels, uint8_t* ints, void* values,
+                     int32_t threads);
+};
+
+const IsaKernels* portable_kernels();
+#ifdef DQ_WITH_X86
+const IsaKernels* avx2_kernels();
+const IsaKernels* avx512_kernels();
+#endif
+
+}  // namespace distq_native

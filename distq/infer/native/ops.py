@@ -1,0 +1,149 @@
+"""The native kernels on torch tensors, in the engine's terms (``PackedWeight``, ``PlaneCode``).
+
+A layer's weight is converted once from the reference engine's packing (``PackedWeight``:
+32-bit words, planes of the export's codes) to the native layout: 64-bit words stored
+[word][plane][output channel], the output channels padded to a multiple of 8 so that a
+vector load of 8 channels never leaves the tensor. Activations are packed once per layer,
+from the previous layer's integers, into [pixel][plane][64-bit word] (channels-last); the
+native conv does im2col on those bits, the blocked AND/XNOR-popcount GEMM and the affine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from distq.infer.bitops import PackedWeight, PlaneCode
+from distq.infer.native.library import ELEMENT_KINDS, MAX_PLANES, OUT_KINDS, Code, Layer, load
+
+VECTOR_CHANNELS = 8
+"""Output channels per widest vector (AVX-512: 8 x 64 bits): the padding of the weight layout."""
+
+
+def _code(coefs: tuple[int, ...], sign: bool) -> Code:
+    """Coefficients +-2^s -> a dq_code."""
+    if len(coefs) > MAX_PLANES:
+        raise ValueError(f"{len(coefs)} planes: the native kernels take at most {MAX_PLANES}")
+    code = Code(planes=len(coefs), sign=int(sign))
+    for i, c in enumerate(coefs):
+        if c == 0 or abs(c) & (abs(c) - 1):
+            raise ValueError(f"plane coefficient {c} is not +-2^s")
+        code.shift[i], code.negative[i] = abs(c).bit_length() - 1, int(c < 0)
+    return code
+
+
+@lru_cache(maxsize=None)
+def activation_code(code: PlaneCode) -> Code:
+    return _code(code.coefs, code.kind == "sign")
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"native {what} rejected its arguments (status {status})")
+
+
+def pack_rows(ints: torch.Tensor, code: PlaneCode) -> torch.Tensor:
+    """(rows, cols) integers -> (rows, planes, ceil(cols / 64)) int64 words of their planes."""
+    ints = ints.contiguous()
+    if ints.dtype not in ELEMENT_KINDS:
+        raise TypeError(f"native packing takes {', '.join(map(str, ELEMENT_KINDS))} integers, not {ints.dtype}")
+    rows, cols = ints.shape
+    out = torch.empty(rows, len(code.coefs), -(-cols // 64), dtype=torch.int64)
+    status = load().dq_pack(
+        ints.data_ptr(), ELEMENT_KINDS[ints.dtype], rows, cols, ctypes.byref(activation_code(code)), out.data_ptr(), _threads()
+    )
+    _check(status, "packing")
+    return out
+
+
+def pixel_planes(ints: torch.Tensor, code: PlaneCode) -> torch.Tensor:
+    """(N, C, H, W) integers of any memory layout -> (N * H * W, planes, words): channels-last
+    pixels, so that a conv tap is one pixel's run of words."""
+    nhwc = ints.permute(0, 2, 3, 1)  # a view; already dense when the previous layer was a native conv
+    return pack_rows(nhwc.reshape(-1, ints.shape[1]), code)
+
+
+class NativeWeight:
+    """A layer's packed weight in the native layout, with its conv geometry (a linear is a
+    1x1 conv over a 1x1 image whose channels are the in-features)."""
+
+    def __init__(self, packed: PackedWeight, in_channels: int, kernel=(1, 1), stride=(1, 1), padding=(0, 0)):
+        if load() is None:
+            raise RuntimeError("the native kernels are not available")
+        words32, planes, out = packed.by_word.shape
+        out_padded = -(-out // VECTOR_CHANNELS) * VECTOR_CHANNELS
+        # Pairs of 32-bit words are one little-endian 64-bit word: bit k stays bit k.
+        padded = F.pad(packed.by_word, (0, out_padded - out, 0, 0, 0, words32 % 2))
+        pairs = padded.view(-1, 2, planes, out_padded).permute(0, 2, 3, 1).contiguous()
+        self.words = pairs.view(torch.int64).view(-1, planes, out_padded)  # [word][plane][out]; kept alive for C
+        self.out = out
+        self.layer = Layer(
+            words=self.words.data_ptr(),
+            out=out,
+            out_padded=out_padded,
+            k_words=self.words.shape[0],
+            offset=packed.offset,
+            in_channels=in_channels,
+            kernel_h=kernel[0],
+            kernel_w=kernel[1],
+            stride_h=stride[0],
+            stride_w=stride[1],
+            pad_h=padding[0],
+            pad_w=padding[1],
+            code=_code(packed.coefs, packed.sign),
+        )
+        self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+    def conv(self, planes, code: PlaneCode, n: int, h: int, w: int, scale=None, shift=None, dtype=torch.int64) -> torch.Tensor:
+        """Packed pixels (N * H * W, planes, words) -> (N * OH * OW, out): the exact integer dot
+        products (``dtype`` int64), or acc * scale + shift (float64 maths) as ``dtype``."""
+        oh, ow = self.output_size(h, w)
+        out = torch.empty(n * oh * ow, self.out, dtype=dtype)
+        status = load().dq_bit_conv(
+            ctypes.byref(self.layer),
+            ctypes.byref(activation_code(code)),
+            planes.data_ptr(),
+            n,
+            h,
+            w,
+            None if scale is None else scale.data_ptr(),
+            None if shift is None else shift.data_ptr(),
+            out.data_ptr(),
+            OUT_KINDS[dtype],
+            _threads(),
+        )
+        _check(status, "conv")
+        return out
+
+
+def int_dot(x_ints: torch.Tensor, code: PlaneCode, weight: PackedWeight) -> torch.Tensor:
+    """Exact integer products (R, K) x (O, K)^T -> (R, O) int64, natively: the counterpart of
+    ``distq.infer.bitops.int_dot``."""
+    rows, k = x_ints.shape
+    native = NativeWeight(weight, in_channels=k)
+    return native.conv(pack_rows(x_ints, code), code, rows, 1, 1)
+
+
+def quantize_unit(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoReFa's activation integers and values in one pass: round(clamp(x, 0, 1) * levels) as
+    uint8, and those integers / levels in x's dtype; both keep x's memory layout."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    ints = torch.empty_like(x, dtype=torch.uint8)
+    values = torch.empty_like(x)
+    status = load().dq_quantize_unit(
+        x.data_ptr(), int(x.dtype == torch.float64), x.numel(), levels, ints.data_ptr(), values.data_ptr(), _threads()
+    )
+    _check(status, "quantizer")
+    return ints, values
