@@ -92,7 +92,9 @@ def _rebuild(export: ExportFile, dtype: torch.dtype, what: str, native: bool) ->
         raise ExportError(f"{what} is incomplete: no record for layer(s) {', '.join(stateful[:3])}")
     for name, module in list(net.named_modules()):
         if type(module) is nn.MaxPool2d:
-            pool = CodedMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
+            pool = CodedMaxPool2d(
+                module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode, native=native
+            )
             _set_module(net, name, pool)
     return net
 
@@ -123,7 +125,7 @@ def _engine_module(name: str, record: dict, original: nn.Module, export: ExportF
     tensors = record["tensors"]
     bits = int(record["weight_bits"])
     if bits == FULL_PRECISION:
-        return FloatLayer(original, *(export.tensor(tensors[k]) for k in ("weight", "out_scale", "out_shift")), dtype)
+        return FloatLayer(original, *(export.tensor(tensors[k]) for k in ("weight", "out_scale", "out_shift")), dtype, native)
     if bits not in VALID_BITS:
         raise ExportError(f"{what} is corrupt: layer {name!r} has weight bits {bits}")
     codes = unpack_planes(export.tensor(tensors["weight_codes"]), bits, shape)

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from distq.export.codes import aqe_exponent, levels
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chunks, pack_weight
-from distq.infer.native.ops import NativeWeight, pack_rows, pixel_planes, quantize_unit
+from distq.infer.native.ops import (
+    NativeWeight,
+    affine_to_channels_last,
+    max_pool_codes,
+    pack_rows,
+    pixel_planes,
+    quantize_unit,
+)
 from distq.quant.functional import aqe_hard
 
 MAX_AQE_BITS = 5
@@ -60,6 +67,11 @@ def packed_pixels(x: CodedActivation) -> torch.Tensor:
     return x.pixel_planes
 
 
+def dorefa_values(ints: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The values of DoReFa activation integers, ints / (2^bits - 1), as ``quantize_unit`` has them."""
+    return ints.to(dtype) / levels(bits)
+
+
 class IntAct(nn.Module):
     """The QAct of an exported model, producing integers.
 
@@ -82,7 +94,7 @@ class IntAct(nn.Module):
                 ints, values = quantize_unit(x, n)
             else:
                 ints = torch.round(x.clamp(0, 1) * n).to(torch.uint8)
-                values = ints.to(x.dtype) / n
+                values = dorefa_values(ints, self.bits, x.dtype)
             return coded(values, ints, PlaneCode("unsigned", self.bits), 1.0 / n)
         hard = aqe_hard(x, self.bits, tuple(range(1, x.dim())))
         p = aqe_exponent(self.bits)
@@ -212,11 +224,33 @@ class BitLinear(_BitLayer):
 
 class CodedMaxPool2d(nn.MaxPool2d):
     """Max pooling that keeps a quantized activation's integers: the quantizers are
-    monotone, so the max of the values is the value of the max integer."""
+    monotone, so the max of the values is the value of the max integer.
+
+    ``native``: DoReFa codes (uint8) are pooled as integers by the native kernel, and each
+    pooled value is looked up from its code, which gives exactly the max of the values."""
+
+    def __init__(self, *args, native: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.native = native
+        self._value_tables: dict = {}
+
+    def _native_geometry(self):
+        """(kernel, stride, padding) pairs where the native kernel applies, else None."""
+        if self.dilation not in (1, (1, 1)) or self.ceil_mode:
+            return None
+        pair = nn.modules.utils._pair
+        return pair(self.kernel_size), pair(self.stride if self.stride is not None else self.kernel_size), pair(self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, CodedActivation):
             return super().forward(x)
+        geometry = self._native_geometry() if self.native else None
+        if geometry is not None and x.code.kind == "unsigned" and x.ints.dtype == torch.uint8:
+            key = (x.code.bits, x.dtype)
+            if key not in self._value_tables:
+                self._value_tables[key] = dorefa_values(torch.arange(256, dtype=torch.uint8), x.code.bits, x.dtype)
+            ints, values = max_pool_codes(x.ints, self._value_tables[key], *geometry)
+            return coded(values, ints, x.code, x.scale)
         y, idx = F.max_pool2d(
             x.as_subclass(torch.Tensor),
             self.kernel_size,
@@ -232,10 +266,15 @@ class CodedMaxPool2d(nn.MaxPool2d):
 
 class FloatLayer(nn.Module):
     """A full-precision conv or linear with its bias and batch-norm folded into a
-    per-channel affine: y = op(x, weight) * out_scale + out_shift."""
+    per-channel affine: y = op(x, weight) * out_scale + out_shift.
 
-    def __init__(self, original: nn.Module, weight: torch.Tensor, out_scale: torch.Tensor, out_shift: torch.Tensor, dtype):
+    ``native``: a conv's affine runs natively and writes channels-last (the same roundings),
+    the layout the native layers after it read; torch's broadcast affine and later
+    mixed-layout adds cost more than the conv itself at small sizes."""
+
+    def __init__(self, original: nn.Module, weight: torch.Tensor, out_scale: torch.Tensor, out_shift: torch.Tensor, dtype, native=False):
         super().__init__()
+        self.native = native
         self.weight, self.out_scale, self.out_shift = weight.to(dtype), out_scale.to(dtype), out_shift.to(dtype)
         self.conv = isinstance(original, nn.Conv2d)
         if self.conv:
@@ -244,7 +283,10 @@ class FloatLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)
         if self.conv:
-            return channel_affine(F.conv2d(x, self.weight, None, self.stride, self.padding), self.out_scale, self.out_shift, 1)
+            y = F.conv2d(x, self.weight, None, self.stride, self.padding)
+            if self.native:
+                return affine_to_channels_last(y, self.out_scale, self.out_shift)
+            return channel_affine(y, self.out_scale, self.out_shift, 1)
         return channel_affine(F.linear(x, self.weight), self.out_scale, self.out_shift, -1)
 
     def extra_repr(self) -> str:

@@ -53,6 +53,16 @@ int dq_bit_conv(const dq_layer* layer, const dq_code* act, const uint64_t* pixel
 int dq_quantize_unit(const void* x, int32_t is_double, int64_t count, int32_t levels, uint8_t* ints, void* values,
                      int32_t threads);
 
+// A float conv's per-channel affine, y * scale + shift (a multiply and an add, each rounded, as
+// torch computes them), reading NCHW and writing NHWC: the layout every native layer reads.
+int dq_affine_to_channels_last(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t hw, const void* scale,
+                               const void* shift, void* out, int32_t threads);
+
+// Max pooling of channels-last uint8 codes [n][h][w][c] over windows geometry = (kernel_h, kernel_w,
+// stride_h, stride_w, pad_h, pad_w) (dilation 1, floor mode); out_values[i] = values[out[i]].
+int dq_max_pool_codes(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const int32_t* geometry,
+                      const void* values, int32_t is_double, uint8_t* out, void* out_values, int32_t threads);
+
 int dq_best_isa(void);                // the widest instruction set this CPU and build support
 int dq_set_isa(int32_t isa);          // 0 on success, -1 if not supported here
 int dq_current_isa(void);

@@ -115,4 +115,20 @@ int dq_quantize_unit(const void* x, int32_t is_double, int64_t count, int32_t le
     return 0;
 }
 
+int dq_affine_to_channels_last(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t hw, const void* scale,
+                               const void* shift, void* out, int32_t threads) {
+    active()->affine_to_channels_last(y, is_double, n, c, hw, scale, shift, out, threads);
+    return 0;
+}
+
+int dq_max_pool_codes(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const int32_t* geometry,
+                      const void* values, int32_t is_double, uint8_t* out, void* out_values, int32_t threads) {
+    const int32_t kh = geometry[0], kw = geometry[1], sh = geometry[2], sw = geometry[3], ph = geometry[4], pw = geometry[5];
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || 2 * ph > kh || 2 * pw > kw) return -1;
+    const int64_t oh = (h + 2 * ph - kh) / sh + 1, ow = (w + 2 * pw - kw) / sw + 1;
+    if (oh <= 0 || ow <= 0) return -1;
+    active()->max_pool_codes(x, n, h, w, c, geometry, oh, ow, values, is_double, out, out_values, threads);
+    return 0;
+}
+
 }  // extern "C"

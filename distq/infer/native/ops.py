@@ -135,6 +135,46 @@ def int_dot(x_ints: torch.Tensor, code: PlaneCode, weight: PackedWeight) -> torc
     return native.conv(pack_rows(x_ints, code), code, rows, 1, 1)
 
 
+def affine_to_channels_last(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """y * scale + shift per channel of an NCHW float tensor (two roundings, as torch computes
+    it), returned with channels-last memory: what the native layers after it read best."""
+    n, c, h, w = y.shape
+    y, scale, shift = y.contiguous(), scale.to(y.dtype).expand(c).contiguous(), shift.to(y.dtype).expand(c).contiguous()
+    out = torch.empty(n, h, w, c, dtype=y.dtype)
+    status = load().dq_affine_to_channels_last(
+        y.data_ptr(), int(y.dtype == torch.float64), n, c, h * w, scale.data_ptr(), shift.data_ptr(), out.data_ptr(), _threads()
+    )
+    _check(status, "affine")
+    return out.permute(0, 3, 1, 2)
+
+
+def max_pool_codes(ints: torch.Tensor, values: torch.Tensor, kernel, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max pooling of (N, C, H, W) uint8 codes, channels-last; ``values[code]`` (256 entries)
+    is each code's value. Returns the pooled codes and their values, both channels-last."""
+    n, c, h, w = ints.shape
+    nhwc = ints.permute(0, 2, 3, 1).contiguous()
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    out = torch.empty(n, oh, ow, c, dtype=torch.uint8)
+    out_values = torch.empty(n, oh, ow, c, dtype=values.dtype)
+    geometry = (ctypes.c_int32 * 6)(kh, kw, sh, sw, ph, pw)
+    status = load().dq_max_pool_codes(
+        nhwc.data_ptr(),
+        n,
+        h,
+        w,
+        c,
+        geometry,
+        values.data_ptr(),
+        int(values.dtype == torch.float64),
+        out.data_ptr(),
+        out_values.data_ptr(),
+        _threads(),
+    )
+    _check(status, "max pool")
+    return out.permute(0, 3, 1, 2), out_values.permute(0, 3, 1, 2)
+
+
 def quantize_unit(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DoReFa's activation integers and values in one pass: round(clamp(x, 0, 1) * levels) as
     uint8, and those integers / levels in x's dtype; both keep x's memory layout."""
