@@ -32,7 +32,7 @@ from distq.infer.native.ops import (
     affine_to_channels_last,
     max_pool_codes,
     pack_rows,
-    pixel_planes,
+    line_planes,
     quantize_unit,
 )
 from distq.quant.functional import aqe_hard
@@ -50,21 +50,21 @@ class CodedActivation(torch.Tensor):
     ints: torch.Tensor
     code: PlaneCode
     scale: float
-    pixel_planes: torch.Tensor | None
+    packed_lines: torch.Tensor | None
     """The integers packed for the native kernels, made by the first conv that reads them and
     reused by the next (a block's input feeds conv1 and the downsample)."""
 
 
 def coded(values: torch.Tensor, ints: torch.Tensor, code: PlaneCode, scale: float) -> CodedActivation:
     out = values.as_subclass(CodedActivation)
-    out.ints, out.code, out.scale, out.pixel_planes = ints, code, scale, None
+    out.ints, out.code, out.scale, out.packed_lines = ints, code, scale, None
     return out
 
 
-def packed_pixels(x: CodedActivation) -> torch.Tensor:
-    if x.pixel_planes is None:
-        x.pixel_planes = pixel_planes(x.ints, x.code)
-    return x.pixel_planes
+def packed_lines(x: CodedActivation) -> torch.Tensor:
+    if x.packed_lines is None:
+        x.packed_lines = line_planes(x.ints, x.code)
+    return x.packed_lines
 
 
 def dorefa_values(ints: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -197,7 +197,7 @@ class BitConv2d(_BitLayer):
         if self.native is not None:
             n, _, h, w = x.shape
             oh, ow = self.native.output_size(h, w)
-            y = self._native_forward(x, packed_pixels(x), n, h, w)
+            y = self._native_forward(x, packed_lines(x), n, h, w)
         else:
             patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
             y = self._bit_forward(patches, x)  # (N * OH * OW, out)

@@ -41,11 +41,12 @@ enum { DQ_ISA_PORTABLE = 0, DQ_ISA_AVX2 = 1, DQ_ISA_AVX512 = 2 };
 // Pack the integers of a (rows, cols) matrix into planes: out is [rows][code.planes][ceil(cols / 64)].
 int dq_pack(const void* ints, int32_t elem, int64_t rows, int64_t cols, const dq_code* code, uint64_t* out, int32_t threads);
 
-// Convolution of packed pixels [n * h * w][act.planes][ceil(in_channels / 64)] (channels-last
-// pixels, from dq_pack) with a packed layer: out[(n, oy, ox), o] row-major, either the exact
+// Convolution of packed input lines [n * h][act.planes][ceil(w * in_channels / 64)] (dq_pack of
+// the channels-last integers as an (n * h, w * in_channels) matrix: pixel x of a line holds bits
+// x * in_channels ...) with a packed layer: out[(n, oy, ox), o] row-major, either the exact
 // integer dot product (DQ_OUT_INT64) or acc * scale[o] + shift[o] computed in float64 and
 // stored as float32 or float64.
-int dq_bit_conv(const dq_layer* layer, const dq_code* act, const uint64_t* pixels, int64_t n, int64_t h, int64_t w,
+int dq_bit_conv(const dq_layer* layer, const dq_code* act, const uint64_t* lines, int64_t n, int64_t h, int64_t w,
                 const double* scale, const double* shift, void* out, int32_t out_kind, int32_t threads);
 
 // DoReFa activation quantizer on a dense float32/float64 buffer: ints = round(clamp(x, 0, 1) * levels)

@@ -19,16 +19,16 @@ struct GemmArgs {
     int32_t out_kind;
 };
 
-// im2col on packed pixels: the bit rows of every output position, and each row's sum.
+// im2col on packed input lines: the bit rows of every output position, and each row's sum.
 struct Im2colArgs {
     const dq_layer* layer;
     const dq_code* act;
-    const uint64_t* pixels;  // [n * h * w][act->planes][ceil(in_channels / 64)]
+    const uint64_t* lines;  // [n * h][act->planes][ceil(w * in_channels / 64)]
     int64_t n, h, w, oh, ow;
-    uint64_t* rows;  // [n * oh * ow][act->planes][layer->k_words]; unused when the rows are the pixels
+    uint64_t* rows;  // [n * oh * ow][act->planes][layer->k_words]; unused when the rows are the lines
     int64_t* rowsum;
     bool xnor;
-    bool rows_are_pixels;  // 1x1, stride 1, no padding: nothing to copy, only the sums
+    bool rows_are_lines;  // one pixel per line (a linear), 1x1 kernel: nothing to copy, only the sums
 };
 
 struct IsaKernels {

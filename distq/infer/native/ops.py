@@ -4,7 +4,7 @@ A layer's weight is converted once from the reference engine's packing (``Packed
 32-bit words, planes of the export's codes) to the native layout: 64-bit words stored
 [word][plane][output channel], the output channels padded to a multiple of 8 so that a
 vector load of 8 channels never leaves the tensor. Activations are packed once per layer,
-from the previous layer's integers, into [pixel][plane][64-bit word] (channels-last); the
+from the previous layer's integers, into [image line][plane][64-bit word] (channels-last); the
 native conv does im2col on those bits, the blocked AND/XNOR-popcount GEMM and the affine.
 """
 
@@ -63,11 +63,13 @@ def pack_rows(ints: torch.Tensor, code: PlaneCode) -> torch.Tensor:
     return out
 
 
-def pixel_planes(ints: torch.Tensor, code: PlaneCode) -> torch.Tensor:
-    """(N, C, H, W) integers of any memory layout -> (N * H * W, planes, words): channels-last
-    pixels, so that a conv tap is one pixel's run of words."""
+def line_planes(ints: torch.Tensor, code: PlaneCode) -> torch.Tensor:
+    """(N, C, H, W) integers of any memory layout -> (N * H, planes, words): each image line
+    packed channels-last (pixel x at bits x * C ...), so that the taps of one kernel row are
+    one run of bits."""
+    n, c, h, w = ints.shape
     nhwc = ints.permute(0, 2, 3, 1)  # a view; already dense when the previous layer was a native conv
-    return pack_rows(nhwc.reshape(-1, ints.shape[1]), code)
+    return pack_rows(nhwc.reshape(n * h, w * c), code)
 
 
 class NativeWeight:
@@ -106,7 +108,7 @@ class NativeWeight:
         return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
     def conv(self, planes, code: PlaneCode, n: int, h: int, w: int, scale=None, shift=None, dtype=torch.int64) -> torch.Tensor:
-        """Packed pixels (N * H * W, planes, words) -> (N * OH * OW, out): the exact integer dot
+        """Packed lines (N * H, planes, words) -> (N * OH * OW, out): the exact integer dot
         products (``dtype`` int64), or acc * scale + shift (float64 maths) as ``dtype``."""
         oh, ow = self.output_size(h, w)
         out = torch.empty(n * oh * ow, self.out, dtype=dtype)
