@@ -33,7 +33,7 @@ def val_transform(preprocess: dict) -> T.Compose:
 
 def evaluate_export(path: str, data_root: str | None = None) -> dict:
     """Top-1/top-5 (percent) of the integer engine on ``data_root``'s val split (default:
-    the dataset the model was trained on)."""
+    the dataset the model was trained on), and which bit kernels ran."""
     from distq.data import class_names, ensure_digits, image_folder
     from distq.train.metrics import topk_correct
 
@@ -58,6 +58,7 @@ def evaluate_export(path: str, data_root: str | None = None) -> dict:
         raise DistqError(f"the validation split of {str(root)!r} is empty: put images in ROOT/val/<class>/")
     return {
         "engine": "int",
+        "kernels": engine.kernels,
         "val/top1": 100.0 * counts[0].item() / seen,
         "val/top5": 100.0 * counts[1].item() / seen,
         "images": seen,

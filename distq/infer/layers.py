@@ -30,9 +30,9 @@ from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chun
 from distq.infer.native.ops import (
     NativeWeight,
     affine_to_channels_last,
+    line_planes,
     max_pool_codes,
     pack_rows,
-    line_planes,
     quantize_unit,
 )
 from distq.quant.functional import aqe_hard

@@ -11,7 +11,7 @@ native conv does im2col on those bits, the blocked AND/XNOR-popcount GEMM and th
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ def _code(coefs: tuple[int, ...], sign: bool) -> Code:
     return code
 
 
-@lru_cache(maxsize=None)
+@cache
 def activation_code(code: PlaneCode) -> Code:
     return _code(code.coefs, code.kind == "sign")
 
