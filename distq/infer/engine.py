@@ -16,7 +16,8 @@ integer path with a float64 fake-quantized model code for code).
 ``kernels`` picks the bit kernels: "auto" (the default) runs the native ones
 (``distq.infer.native``) where they build and the torch reference ones otherwise, saying so
 once; "native" requires them; "reference" forces the torch kernels. Both give the same
-integers and the same floats, bit for bit.
+integers and the same floats, bit for bit. With the native kernels, ``fuse`` lets a conv
+compute the activation that follows it (``distq.infer.fusion``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 from distq.export.codes import weight_integers
 from distq.export.format import ExportError, ExportFile, read_export, unpack_planes
+from distq.infer.fusion import fuse_conv_activations
 from distq.infer.layers import BitConv2d, BitLinear, ChannelAffine, CodedMaxPool2d, FloatLayer, IntAct
 from distq.infer.native import describe, use_native
 from distq.quant.functional import FULL_PRECISION, VALID_BITS
@@ -36,12 +38,14 @@ from distq.quant.functional import FULL_PRECISION, VALID_BITS
 class IntegerModel(nn.Module):
     """An exported model ready to run: ``model(images)`` -> float32 logits."""
 
-    def __init__(self, net: nn.Module, header: dict, dtype: torch.dtype, kernels: str = "reference"):
+    def __init__(self, net: nn.Module, header: dict, dtype: torch.dtype, kernels: str = "reference", fused=()):
         super().__init__()
         self.net, self.header, self.dtype = net, header, dtype
         self.classes: list[str] = list(header["classes"])
         self.kernels = kernels
         """Which bit kernels run: 'native (avx512)', 'native (avx2)', 'native (portable)' or 'reference'."""
+        self.fused: list[tuple[str, str]] = list(fused)
+        """(conv, activation) pairs computed by one native call."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -52,12 +56,12 @@ class IntegerModel(nn.Module):
         return {name: dict(m.calls) for name, m in self.net.named_modules() if isinstance(m, (BitConv2d, BitLinear))}
 
 
-def load_engine(path: str | Path, dtype: torch.dtype = torch.float32, kernels: str = "auto") -> IntegerModel:
-    return build_engine(read_export(path), dtype, source=str(path), kernels=kernels)
+def load_engine(path: str | Path, dtype: torch.dtype = torch.float32, kernels: str = "auto", fuse: bool = True) -> IntegerModel:
+    return build_engine(read_export(path), dtype, source=str(path), kernels=kernels, fuse=fuse)
 
 
 def build_engine(
-    export: ExportFile, dtype: torch.dtype = torch.float32, source: str = "<export>", kernels: str = "auto"
+    export: ExportFile, dtype: torch.dtype = torch.float32, source: str = "<export>", kernels: str = "auto", fuse: bool = True
 ) -> IntegerModel:
     what = f"export file {source!r}"
     native = use_native(kernels)
@@ -69,7 +73,8 @@ def build_engine(
         raise ExportError(
             f"{what} is corrupt: its header does not describe a runnable model ({type(exc).__name__}: {exc})"
         ) from None
-    return IntegerModel(net.eval(), export.header, dtype, describe() if native else "reference")
+    fused = fuse_conv_activations(net) if native and fuse else []
+    return IntegerModel(net.eval(), export.header, dtype, describe() if native else "reference", fused)
 
 
 def _rebuild(export: ExportFile, dtype: torch.dtype, what: str, native: bool) -> nn.Module:

@@ -27,14 +27,7 @@ import torch.nn.functional as F
 from distq.export.codes import aqe_exponent, levels
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chunks, pack_weight
-from distq.infer.native.ops import (
-    NativeWeight,
-    affine_to_channels_last,
-    line_planes,
-    max_pool_codes,
-    pack_rows,
-    quantize_unit,
-)
+from distq.infer.native.ops import NativeWeight, affine_to_channels_last, max_pool_codes, quantize_unit
 from distq.quant.functional import aqe_hard
 
 MAX_AQE_BITS = 5
@@ -50,21 +43,12 @@ class CodedActivation(torch.Tensor):
     ints: torch.Tensor
     code: PlaneCode
     scale: float
-    packed_lines: torch.Tensor | None
-    """The integers packed for the native kernels, made by the first conv that reads them and
-    reused by the next (a block's input feeds conv1 and the downsample)."""
 
 
 def coded(values: torch.Tensor, ints: torch.Tensor, code: PlaneCode, scale: float) -> CodedActivation:
     out = values.as_subclass(CodedActivation)
-    out.ints, out.code, out.scale, out.packed_lines = ints, code, scale, None
+    out.ints, out.code, out.scale = ints, code, scale
     return out
-
-
-def packed_lines(x: CodedActivation) -> torch.Tensor:
-    if x.packed_lines is None:
-        x.packed_lines = line_planes(x.ints, x.code)
-    return x.packed_lines
 
 
 def dorefa_values(ints: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -85,8 +69,12 @@ class IntAct(nn.Module):
         if method == "aqe" and bits > MAX_AQE_BITS:
             raise ExportError(f"the integer engine runs AQE activations of 1..{MAX_AQE_BITS} bits, not {bits}")
         self.bits, self.method, self.native = bits, method, native
+        self.computed_by: str | None = None
+        """The conv whose native output is already this activation (``distq.infer.fusion``)."""
 
     def forward(self, x: torch.Tensor) -> CodedActivation:
+        if self.computed_by is not None and isinstance(x, CodedActivation):
+            return x
         x = x.as_subclass(torch.Tensor)
         if self.method == "dorefa":
             n = levels(self.bits)
@@ -135,6 +123,9 @@ class _BitLayer(nn.Module):
             self.native = NativeWeight(self.packed, ints.shape[1], *conv_geometry)
             self._native_shift = self.out_shift.expand(self.native.out).contiguous()
             self._native_scale: tuple[float, torch.Tensor] | None = None
+        self.fused_act_bits = 0
+        """> 0: this layer's native output is the DoReFa activation of that many bits that
+        follows it (``distq.infer.fusion``): values and integers, not the affine's floats."""
 
     def float_weight(self) -> torch.Tensor:
         """The dequantized weight, for float inputs only; made on first use so that an
@@ -157,13 +148,30 @@ class _BitLayer(nn.Module):
             y[rows] = acc.double().mul_(scale).add_(self.out_shift)
         return y
 
-    def _native_forward(self, x: CodedActivation, planes: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-        """Packed activations -> (rows, out) floats: the native GEMM with the affine fused into
-        its output, in the reference's float64 arithmetic."""
+    def _native_forward(self, x: CodedActivation, shape: tuple[int, ...]) -> torch.Tensor:
+        """Integer activations -> the native GEMM with the affine fused into its output, in the
+        reference's float64 arithmetic: (rows, out) floats, viewed as ``shape`` (channels
+        last), or with a fused activation its CodedActivation."""
         self.calls["bit"] += 1
         if self._native_scale is None or self._native_scale[0] != x.scale:  # the same scale on every call
             self._native_scale = (x.scale, (x.scale * self.acc_scale).expand(self.native.out).contiguous())
-        return self.native.conv(planes, x.code, n, h, w, self._native_scale[1], self._native_shift, x.dtype)
+        run = self.native.conv if x.ints.dim() == 4 else self.native.linear
+        ints = x.ints if x.ints.dim() == 4 else x.ints.reshape(-1, x.shape[-1])
+        n = levels(self.fused_act_bits) if self.fused_act_bits else 0
+        y = run(ints, x.code, self._native_scale[1], self._native_shift, x.dtype, n)
+        if not n:
+            return self._channels_last_view(y, shape)
+        values, codes = y
+        view = self._channels_last_view
+        return coded(view(values, shape), view(codes, shape), PlaneCode("unsigned", self.fused_act_bits), 1.0 / n)
+
+    @staticmethod
+    def _channels_last_view(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """(rows, out) -> ``shape`` with the channels last in memory (NCHW view of NHWC for a conv)."""
+        if len(shape) != 4:
+            return y.view(shape)
+        n, c, h, w = shape
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
 
     def _float_affine(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         return channel_affine(y, self.out_scale_f, self.out_shift_f, channel_dim)
@@ -195,12 +203,10 @@ class BitConv2d(_BitLayer):
             y = F.conv2d(x, self.float_weight(), None, self.stride, self.padding)
             return self._float_affine(y, 1)
         if self.native is not None:
-            n, _, h, w = x.shape
-            oh, ow = self.native.output_size(h, w)
-            y = self._native_forward(x, packed_lines(x), n, h, w)
-        else:
-            patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
-            y = self._bit_forward(patches, x)  # (N * OH * OW, out)
+            oh, ow = self.native.output_size(*x.shape[2:])
+            return self._native_forward(x, (x.shape[0], self.native.out, oh, ow))
+        patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
+        y = self._bit_forward(patches, x)  # (N * OH * OW, out)
         # NCHW view of channels-last memory: the next im2col reads it without a transpose.
         return y.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
 
@@ -213,10 +219,9 @@ class BitLinear(_BitLayer):
         if not isinstance(x, CodedActivation):
             self.calls["float"] += 1
             return self._float_affine(F.linear(x, self.float_weight()), -1)
-        rows = x.ints.reshape(-1, x.shape[-1])
         if self.native is not None:
-            return self._native_forward(x, pack_rows(rows, x.code), rows.shape[0], 1, 1).view(*x.shape[:-1], -1)
-        return self._bit_forward(rows, x).view(*x.shape[:-1], -1)
+            return self._native_forward(x, (*x.shape[:-1], self.native.out))
+        return self._bit_forward(x.ints.reshape(-1, x.shape[-1]), x).view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
         return f"out={self.packed.out_features}, bits={self.bits}"

@@ -43,21 +43,32 @@ def _record_outputs(net):
 
 
 def assert_same_layers(export, images, dtype):
-    """Run both kernel sets on the same export and compare every layer."""
-    engines = {k: build_engine(export, dtype, kernels=k) for k in ("native", "reference")}
+    """Run the reference kernels, the native ones, and the native ones with each conv fused
+    with the activation after it, on the same export, and compare every layer: all of them
+    unfused; fused, all but the fused convs, whose output is their activation's."""
+    engines = {
+        "reference": build_engine(export, dtype, kernels="reference"),
+        "native": build_engine(export, dtype, kernels="native", fuse=False),
+        "fused": build_engine(export, dtype, kernels="native"),
+    }
     assert engines["native"].kernels.startswith("native") and engines["reference"].kernels == "reference"
+    assert not engines["native"].fused
     seen = {k: _record_outputs(e.net) for k, e in engines.items()}
     logits = {k: e(images) for k, e in engines.items()}
-    assert set(seen["native"]) == set(seen["reference"]) and seen["native"]
-    for name, (values, ints) in seen["reference"].items():
-        got_values, got_ints = seen["native"][name]
-        assert torch.equal(got_values, values), f"{name}: {(got_values != values).sum().item()} values differ"
-        if ints is not None:
-            assert torch.equal(got_ints, ints), f"{name}: {(got_ints != ints).sum().item()} integers differ"
-    assert torch.equal(logits["native"], logits["reference"])
-    modes = engines["native"].layer_modes()
-    assert all(m["bit"] == 1 for m in modes.values()), modes
-    return seen["reference"]
+    fused_convs = {conv for conv, _ in engines["fused"].fused}
+    for kind in ("native", "fused"):
+        assert set(seen[kind]) == set(seen["reference"]) and seen[kind]
+        for name, (values, ints) in seen["reference"].items():
+            if kind == "fused" and name in fused_convs:
+                continue
+            got_values, got_ints = seen[kind][name]
+            assert torch.equal(got_values, values), f"{kind} {name}: {(got_values != values).sum().item()} values differ"
+            if ints is not None:
+                assert torch.equal(got_ints, ints), f"{kind} {name}: {(got_ints != ints).sum().item()} integers differ"
+        assert torch.equal(logits[kind], logits["reference"])
+        modes = engines[kind].layer_modes()
+        assert all(m["bit"] == 1 for m in modes.values()), modes
+    return seen["reference"], engines["fused"].fused
 
 
 CASES = [  # method, w_bits, a_bits
@@ -83,9 +94,11 @@ def test_every_layer_equals_the_reference_engine(random_resnet, resnet_header, m
     model = random_resnet(method, w_bits, a_bits, width=width)
     export, _ = export_model(model, resnet_header(width=width))
     images = torch.randn(3, 3, 27, 29, generator=torch.Generator().manual_seed(1))
-    seen = assert_same_layers(export, images, torch.float32)
+    seen, fused = assert_same_layers(export, images, torch.float32)
     acts = [ints for name, (_, ints) in seen.items() if ints is not None]
     assert len(acts) == 16 and all(a.unique().numel() > 1 for a in acts)  # no constant activation: the test proves something
+    # Every block's conv1 -> bn1 -> relu is fused where the activation is DoReFa; conv2 meets the residual add first.
+    assert [a for _, a in fused] == ([f"layer{i}.{j}.relu" for i in range(1, 5) for j in range(2)] if method == "dorefa" else [])
 
 
 @needs_native

@@ -143,7 +143,7 @@ def test_conv_equals_the_reference_engine(kernel, stride, padding, channels):
     assert torch.equal(expected.view(batch, oh, ow, out).permute(0, 3, 1, 2).double(), conv)
     native = ops.NativeWeight(weight, channels, kernel, stride, padding)
     assert native.output_size(h, w) == (oh, ow)
-    assert_equal_on_every_isa(lambda: native.conv(ops.line_planes(x, code), code, batch, h, w), expected)
+    assert_equal_on_every_isa(lambda: native.conv(x, code), expected)
 
 
 @pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES[:3])
@@ -154,7 +154,7 @@ def test_xnor_conv_zero_padding_contributes_nothing(kernel, stride, padding):
     weight, code = pack_weight(conv_weight_rows(ints), 1), PlaneCode("sign", 1)
     expected, _, _ = _reference_conv(x, code, weight, kernel, stride, padding)
     native = ops.NativeWeight(weight, 67, kernel, stride, padding)
-    assert_equal_on_every_isa(lambda: native.conv(ops.line_planes(x, code), code, 2, 8, 8), expected)
+    assert_equal_on_every_isa(lambda: native.conv(x, code), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -169,7 +169,26 @@ def test_fused_affine_rounds_like_the_reference(dtype):
     native = ops.NativeWeight(weight, 37, (3, 3), (1, 1), (1, 1))
     acc, _, _ = _reference_conv(x, code, weight, (3, 3), (1, 1), (1, 1))
     expected = acc.double().mul_(scale).add_(shift).to(dtype)
-    assert_equal_on_every_isa(lambda: native.conv(ops.line_planes(x, code), code, 3, 6, 5, scale, shift, dtype), expected)
+    assert_equal_on_every_isa(lambda: native.conv(x, code, scale, shift, dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act_bits", [1, 2, 4, 8])
+def test_fused_activation_equals_the_affine_then_the_quantizer(dtype, act_bits):
+    """A conv fused with the DoReFa activation after it: the integers and values that
+    IntAct computes from the unfused conv's output, with no float output in between."""
+    g = torch.Generator().manual_seed(act_bits)
+    x = torch.randint(0, 4, (2, 33, 7, 6), generator=g, dtype=torch.uint8)
+    ints = _dorefa_weights(19, 33 * 9, 2, g).view(19, 3, 3, 33).permute(0, 3, 1, 2)
+    weight, code = pack_weight(conv_weight_rows(ints), 2), PlaneCode("unsigned", 2)
+    scale = torch.rand(19, generator=g, dtype=torch.float64) / 40
+    shift = torch.rand(19, generator=g, dtype=torch.float64) - 0.3
+    native, n = ops.NativeWeight(weight, 33, (3, 3), (2, 2), (1, 1)), (1 << act_bits) - 1
+    y = native.conv(x, code, scale, shift, dtype)
+    expected_codes = torch.round(y.clamp(0, 1) * n).to(torch.uint8)
+    assert expected_codes.unique().numel() >= min(n + 1, 3)  # the affine spans several levels: the test proves something
+    assert_equal_on_every_isa(lambda: native.conv(x, code, scale, shift, dtype, n)[1], expected_codes)
+    assert_equal_on_every_isa(lambda: native.conv(x, code, scale, shift, dtype, n)[0], dorefa_values(expected_codes, act_bits, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -240,7 +259,7 @@ def test_several_threads_give_the_same_integers():
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(native.conv(ops.line_planes(x, code), code, 3, 13, 11))
+            results.append(native.conv(x, code))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results)

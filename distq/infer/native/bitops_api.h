@@ -41,13 +41,16 @@ enum { DQ_ISA_PORTABLE = 0, DQ_ISA_AVX2 = 1, DQ_ISA_AVX512 = 2 };
 // Pack the integers of a (rows, cols) matrix into planes: out is [rows][code.planes][ceil(cols / 64)].
 int dq_pack(const void* ints, int32_t elem, int64_t rows, int64_t cols, const dq_code* code, uint64_t* out, int32_t threads);
 
-// Convolution of packed input lines [n * h][act.planes][ceil(w * in_channels / 64)] (dq_pack of
-// the channels-last integers as an (n * h, w * in_channels) matrix: pixel x of a line holds bits
-// x * in_channels ...) with a packed layer: out[(n, oy, ox), o] row-major, either the exact
-// integer dot product (DQ_OUT_INT64) or acc * scale[o] + shift[o] computed in float64 and
-// stored as float32 or float64.
-int dq_bit_conv(const dq_layer* layer, const dq_code* act, const uint64_t* lines, int64_t n, int64_t h, int64_t w,
-                const double* scale, const double* shift, void* out, int32_t out_kind, int32_t threads);
+// Convolution of channels-last integers ints[n][h][w][in_channels] (element type `elem`, planes
+// as `act` says) with a packed layer. The input is packed here, line by line (pixel x of an
+// image line at bits x * in_channels ...), then im2col and the GEMM run on those bits.
+// values[(n, oy, ox)][o] (row-major) receives the exact integer dot product (DQ_OUT_INT64), or
+// y = acc * scale[o] + shift[o] computed in float64 and stored as float32/float64; with
+// levels > 0 it receives instead the next DoReFa activation's value q / levels, and codes its
+// integer q = round(clamp(y, 0, 1) * levels), exactly as dq_quantize_unit would from y.
+int dq_bit_conv(const dq_layer* layer, const dq_code* act, const void* ints, int32_t elem, int64_t n, int64_t h, int64_t w,
+                const double* scale, const double* shift, int32_t out_kind, int32_t levels, void* values, uint8_t* codes,
+                int32_t threads);
 
 // DoReFa activation quantizer on a dense float32/float64 buffer: ints = round(clamp(x, 0, 1) * levels)
 // (round half to even, as torch.round) and values = ints / levels in the same float type.

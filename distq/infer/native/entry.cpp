@@ -84,28 +84,34 @@ int dq_pack(const void* ints, int32_t elem, int64_t rows, int64_t cols, const dq
     return 0;
 }
 
-int dq_bit_conv(const dq_layer* layer, const dq_code* act, const uint64_t* lines, int64_t n, int64_t h, int64_t w,
-                const double* scale, const double* shift, void* out, int32_t out_kind, int32_t threads) {
+int dq_bit_conv(const dq_layer* layer, const dq_code* act, const void* ints, int32_t elem, int64_t n, int64_t h, int64_t w,
+                const double* scale, const double* shift, int32_t out_kind, int32_t levels, void* values, uint8_t* codes,
+                int32_t threads) {
     const dq_layer& L = *layer;
     const int64_t oh = (h + 2 * L.pad_h - L.kernel_h) / L.stride_h + 1;
     const int64_t ow = (w + 2 * L.pad_w - L.kernel_w) / L.stride_w + 1;
     if (oh <= 0 || ow <= 0 || act->planes < 1 || act->planes > DQ_MAX_PLANES) return -1;
     if ((int64_t)L.kernel_h * L.kernel_w * L.in_channels > 64 * L.k_words) return -1;
+    if (elem < DQ_ELEM_U8 || elem > DQ_ELEM_I32 || (act->sign && act->planes != 2)) return -1;
+    if (levels < 0 || levels > 255 || (levels > 0 && out_kind == DQ_OUT_INT64)) return -1;
     const bool xnor = act->sign && L.code.sign;
     const int64_t m = n * oh * ow;
     // A line of one pixel (a linear layer) under a 1x1 kernel is already a bit row.
     const bool rows_are_lines = w == 1 && L.kernel_h == 1 && L.kernel_w == 1 && L.stride_h == 1 && L.stride_w == 1 &&
                                 L.pad_h == 0 && L.pad_w == 0;
 
-    thread_local std::unique_ptr<uint64_t[]> row_buffer;
+    thread_local std::unique_ptr<uint64_t[]> line_buffer, row_buffer;
     thread_local std::unique_ptr<int64_t[]> sum_buffer;
-    thread_local int64_t row_capacity = 0, sum_capacity = 0;
-    uint64_t* rows = rows_are_lines ? nullptr : scratch(row_buffer, row_capacity, m * act->planes * L.k_words);
+    thread_local int64_t line_capacity = 0, row_capacity = 0, sum_capacity = 0;
+    const int64_t line_words = (w * L.in_channels + 63) / 64;
+    uint64_t* lines = scratch(line_buffer, line_capacity, n * h * act->planes * line_words);
+    uint64_t* rows = rows_are_lines ? lines : scratch(row_buffer, row_capacity, m * act->planes * L.k_words);
     int64_t* sums = scratch(sum_buffer, sum_capacity, m);
 
     const IsaKernels* k = active();
+    k->pack(ints, elem, n * h, w * L.in_channels, act, lines, threads);
     k->im2col(Im2colArgs{layer, act, lines, n, h, w, oh, ow, rows, sums, xnor, rows_are_lines}, threads);
-    k->gemm(GemmArgs{layer, act, rows_are_lines ? lines : rows, sums, m, xnor, scale, shift, out, out_kind}, threads);
+    k->gemm(GemmArgs{layer, act, rows, sums, m, xnor, scale, shift, out_kind, levels, values, codes}, threads);
     return 0;
 }
 

@@ -15,8 +15,10 @@ struct GemmArgs {
     bool xnor;
     const double* scale;  // [layer->out], for float outputs
     const double* shift;
-    void* out;  // [m][layer->out]
     int32_t out_kind;
+    int32_t levels;  // > 0: quantize y into the next DoReFa activation
+    void* values;    // [m][layer->out]
+    uint8_t* codes;  // [m][layer->out] when levels > 0
 };
 
 // im2col on packed input lines: the bit rows of every output position, and each row's sum.

@@ -3,15 +3,14 @@
 A layer's weight is converted once from the reference engine's packing (``PackedWeight``:
 32-bit words, planes of the export's codes) to the native layout: 64-bit words stored
 [word][plane][output channel], the output channels padded to a multiple of 8 so that a
-vector load of 8 channels never leaves the tensor. Activations are packed once per layer,
-from the previous layer's integers, into [image line][plane][64-bit word] (channels-last); the
-native conv does im2col on those bits, the blocked AND/XNOR-popcount GEMM and the affine.
+vector load of 8 channels never leaves the tensor. One native call per layer packs the
+previous layer's channels-last integers line by line, does im2col on those bits, the
+blocked AND/XNOR-popcount GEMM, the affine and, where fused, the next activation.
 """
 
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +34,14 @@ def _code(coefs: tuple[int, ...], sign: bool) -> Code:
     return code
 
 
-@cache
-def activation_code(code: PlaneCode) -> Code:
-    return _code(code.coefs, code.kind == "sign")
+_activation_codes: dict[PlaneCode, Code] = {}
+
+
+def activation_address(code: PlaneCode) -> int:
+    """The address of ``code`` as a dq_code (made once per code and kept)."""
+    if code not in _activation_codes:
+        _activation_codes[code] = _code(code.coefs, code.kind == "sign")
+    return ctypes.addressof(_activation_codes[code])
 
 
 def _threads() -> int:
@@ -56,20 +60,9 @@ def pack_rows(ints: torch.Tensor, code: PlaneCode) -> torch.Tensor:
         raise TypeError(f"native packing takes {', '.join(map(str, ELEMENT_KINDS))} integers, not {ints.dtype}")
     rows, cols = ints.shape
     out = torch.empty(rows, len(code.coefs), -(-cols // 64), dtype=torch.int64)
-    status = load().dq_pack(
-        ints.data_ptr(), ELEMENT_KINDS[ints.dtype], rows, cols, ctypes.byref(activation_code(code)), out.data_ptr(), _threads()
-    )
+    status = load().dq_pack(ints.data_ptr(), ELEMENT_KINDS[ints.dtype], rows, cols, activation_address(code), out.data_ptr(), _threads())
     _check(status, "packing")
     return out
-
-
-def line_planes(ints: torch.Tensor, code: PlaneCode) -> torch.Tensor:
-    """(N, C, H, W) integers of any memory layout -> (N * H, planes, words): each image line
-    packed channels-last (pixel x at bits x * C ...), so that the taps of one kernel row are
-    one run of bits."""
-    n, c, h, w = ints.shape
-    nhwc = ints.permute(0, 2, 3, 1)  # a view; already dense when the previous layer was a native conv
-    return pack_rows(nhwc.reshape(n * h, w * c), code)
 
 
 class NativeWeight:
@@ -85,7 +78,7 @@ class NativeWeight:
         padded = F.pad(packed.by_word, (0, out_padded - out, 0, 0, 0, words32 % 2))
         pairs = padded.view(-1, 2, planes, out_padded).permute(0, 2, 3, 1).contiguous()
         self.words = pairs.view(torch.int64).view(-1, planes, out_padded)  # [word][plane][out]; kept alive for C
-        self.out = out
+        self.out, self.in_channels = out, in_channels
         self.layer = Layer(
             words=self.words.data_ptr(),
             out=out,
@@ -101,40 +94,59 @@ class NativeWeight:
             pad_w=padding[1],
             code=_code(packed.coefs, packed.sign),
         )
+        self._address = ctypes.addressof(self.layer)
         self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
-    def conv(self, planes, code: PlaneCode, n: int, h: int, w: int, scale=None, shift=None, dtype=torch.int64) -> torch.Tensor:
-        """Packed lines (N * H, planes, words) -> (N * OH * OW, out): the exact integer dot
-        products (``dtype`` int64), or acc * scale + shift (float64 maths) as ``dtype``."""
+    def conv(self, ints: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels: int = 0):
+        """(N, C, H, W) integers (any layout; channels-last is read in place) -> (N * OH * OW, out):
+        the exact integer dot products (``dtype`` int64), or acc * scale + shift (float64
+        maths) as ``dtype``; with ``levels``, that quantized for DoReFa's next activation:
+        (values, codes)."""
+        n, _, h, w = ints.shape
+        nhwc = ints.permute(0, 2, 3, 1)
+        if not nhwc.is_contiguous():
+            nhwc = nhwc.contiguous()
         oh, ow = self.output_size(h, w)
-        out = torch.empty(n * oh * ow, self.out, dtype=dtype)
+        return self._run(nhwc, code, n, h, w, n * oh * ow, scale, shift, dtype, levels)
+
+    def linear(self, rows: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels: int = 0):
+        """(R, in_features) integers -> (R, out), as ``conv``."""
+        rows = rows.contiguous()
+        return self._run(rows, code, rows.shape[0], 1, 1, rows.shape[0], scale, shift, dtype, levels)
+
+    def _run(self, ints, code, n, h, w, out_rows, scale, shift, dtype, levels):
+        if ints.dtype not in ELEMENT_KINDS:
+            raise TypeError(f"native kernels take {', '.join(map(str, ELEMENT_KINDS))} integers, not {ints.dtype}")
+        values = torch.empty(out_rows, self.out, dtype=dtype)
+        codes = torch.empty(out_rows, self.out, dtype=torch.uint8) if levels else None
         status = load().dq_bit_conv(
-            ctypes.byref(self.layer),
-            ctypes.byref(activation_code(code)),
-            planes.data_ptr(),
+            self._address,
+            activation_address(code),
+            ints.data_ptr(),
+            ELEMENT_KINDS[ints.dtype],
             n,
             h,
             w,
             None if scale is None else scale.data_ptr(),
             None if shift is None else shift.data_ptr(),
-            out.data_ptr(),
             OUT_KINDS[dtype],
+            levels,
+            values.data_ptr(),
+            None if codes is None else codes.data_ptr(),
             _threads(),
         )
         _check(status, "conv")
-        return out
+        return (values, codes) if levels else values
 
 
 def int_dot(x_ints: torch.Tensor, code: PlaneCode, weight: PackedWeight) -> torch.Tensor:
     """Exact integer products (R, K) x (O, K)^T -> (R, O) int64, natively: the counterpart of
     ``distq.infer.bitops.int_dot``."""
-    rows, k = x_ints.shape
-    native = NativeWeight(weight, in_channels=k)
-    return native.conv(pack_rows(x_ints, code), code, rows, 1, 1)
+    return NativeWeight(weight, in_channels=x_ints.shape[1]).linear(x_ints, code)
 
 
 def affine_to_channels_last(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
