@@ -23,10 +23,18 @@ from distq.infer import native
 from distq.infer.bitops import PlaneCode
 from distq.infer.engine import build_engine
 from distq.infer.layers import BitConv2d, BitLinear, CodedMaxPool2d, FloatLayer, IntAct, coded
-from distq.infer.native.library import load
+from distq.infer.native.build import compiler
+from distq.infer.native.library import available_isas, load
 from distq.models.build import build_model
 
 needs_native = pytest.mark.skipif(load() is None, reason="native kernels unavailable (no C++ compiler)")
+
+
+def test_the_kernels_build_wherever_a_compiler_exists():
+    """Not skipped with the others: a compiler that fails on the sources is a failure."""
+    if compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert load() is not None and "portable" in available_isas(load())
 
 ENGINE_LAYERS = (BitConv2d, BitLinear, IntAct, FloatLayer, CodedMaxPool2d)
 

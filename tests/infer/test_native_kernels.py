@@ -18,18 +18,11 @@ import torch.nn.functional as F
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot, pack_weight
 from distq.infer.layers import channel_affine, dorefa_values
 from distq.infer.native import ops
-from distq.infer.native.build import compiler
 from distq.infer.native.library import available_isas, isa, load, set_isa
 
 pytestmark = pytest.mark.skipif(load() is None, reason="native kernels unavailable (no C++ compiler)")
 
 ISAS = available_isas(load()) if load() is not None else []
-
-
-def test_the_kernels_build_wherever_a_compiler_exists():
-    if compiler() is None:
-        pytest.skip("no C++ compiler on this machine")
-    assert load() is not None and "portable" in ISAS
 
 
 def on_every_isa(run):

@@ -15,6 +15,7 @@ namespace avx2 {
 struct V {
     static constexpr const char* name = "avx2";
     static constexpr int L = 4;
+    static constexpr bool vector_epilogue = false;  // the generic loops of bitops_kernels.inc
     using T = __m256i;
 
     // 16 vector registers, three of them the popcount's constants and three its temporaries.

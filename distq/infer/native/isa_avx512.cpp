@@ -35,6 +35,53 @@ struct V {
     }
     static inline int64_t popcount64(uint64_t x) { return __builtin_popcountll(x); }
 
+    // The epilogue, 8 outputs at a time (masked at the row's end): acc * scale + shift in
+    // float64 as a multiply then an add, each rounded, like the reference.
+    static constexpr bool vector_epilogue = true;
+    static inline __m512d affine8(const int64_t* acc, const double* scale, const double* shift, __mmask8 m) {
+        const __m512d a = _mm512_cvtepi64_pd(_mm512_maskz_loadu_epi64(m, acc));
+        return _mm512_add_pd(_mm512_mul_pd(a, _mm512_maskz_loadu_pd(m, scale)), _mm512_maskz_loadu_pd(m, shift));
+    }
+    static inline __mmask8 lanes(int64_t left) { return left >= 8 ? 0xFF : (__mmask8)((1u << left) - 1); }
+    static inline void affine(const int64_t* acc, const double* scale, const double* shift, float* y, int64_t n) {
+        for (int64_t o = 0; o < n; o += 8) {
+            const __mmask8 m = lanes(n - o);
+            _mm256_mask_storeu_ps(y + o, m, _mm512_cvtpd_ps(affine8(acc + o, scale + o, shift + o, m)));
+        }
+    }
+    static inline void affine(const int64_t* acc, const double* scale, const double* shift, double* y, int64_t n) {
+        for (int64_t o = 0; o < n; o += 8) {
+            const __mmask8 m = lanes(n - o);
+            _mm512_mask_storeu_pd(y + o, m, affine8(acc + o, scale + o, shift + o, m));
+        }
+    }
+    // quantize_unit_value on 8 lanes: clamp as std::min(std::max(x, 0), 1) (max/min here take
+    // their second operand on ties, so -0 becomes +0, which rounds to the same integer), round
+    // half to even, and the value from the integer, q / levels.
+    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, float levels,
+                                       float* values, uint8_t* codes, int64_t n) {
+        const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), l = _mm256_set1_ps(levels);
+        for (int64_t o = 0; o < n; o += 8) {
+            const __mmask8 m = lanes(n - o);
+            const __m256 y = _mm512_cvtpd_ps(affine8(acc + o, scale + o, shift + o, m));
+            const __m256 c = _mm256_min_ps(_mm256_max_ps(y, zero), one);
+            const __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(c, l), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            _mm_mask_storeu_epi8(codes + o, m, _mm256_cvtepi32_epi8(q));
+            _mm256_mask_storeu_ps(values + o, m, _mm256_div_ps(_mm256_cvtepi32_ps(q), l));
+        }
+    }
+    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, double levels,
+                                       double* values, uint8_t* codes, int64_t n) {
+        const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0), l = _mm512_set1_pd(levels);
+        for (int64_t o = 0; o < n; o += 8) {
+            const __mmask8 m = lanes(n - o);
+            const __m512d c = _mm512_min_pd(_mm512_max_pd(affine8(acc + o, scale + o, shift + o, m), zero), one);
+            const __m256i q = _mm512_cvtpd_epi32(_mm512_roundscale_pd(_mm512_mul_pd(c, l), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            _mm_mask_storeu_epi8(codes + o, m, _mm256_cvtepi32_epi8(q));
+            _mm512_mask_storeu_pd(values + o, m, _mm512_div_pd(_mm512_cvtepi32_pd(q), l));
+        }
+    }
+
     // Up to 64 8-bit integers -> one word per plane: a masked load, then a bit test per plane.
     static inline void byte_planes(const uint8_t* p, int n, int32_t elem, const dq_code& code, uint64_t* out,
                                    int64_t stride) {

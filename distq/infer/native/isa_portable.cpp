@@ -12,6 +12,7 @@ namespace portable {
 struct V {
     static constexpr const char* name = "portable";
     static constexpr int L = 1;
+    static constexpr bool vector_epilogue = false;  // the generic loops of bitops_kernels.inc
     using T = uint64_t;
 
     static constexpr int tile_rows(int ga, int gb) { return ga * gb >= 4 ? 1 : 2; }
