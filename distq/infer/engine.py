@@ -73,7 +73,9 @@ def build_engine(
         raise ExportError(
             f"{what} is corrupt: its header does not describe a runnable model ({type(exc).__name__}: {exc})"
         ) from None
-    fused = fuse_conv_activations(net) if native and fuse else []
+    fused = []
+    if native and fuse:
+        net, fused = fuse_conv_activations(net)
     return IntegerModel(net.eval(), export.header, dtype, describe() if native else "reference", fused)
 
 

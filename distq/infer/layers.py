@@ -126,6 +126,9 @@ class _BitLayer(nn.Module):
         self.fused_act_bits = 0
         """> 0: this layer's native output is the DoReFa activation of that many bits that
         follows it (``distq.infer.fusion``): values and integers, not the affine's floats."""
+        self.takes_residual = False
+        """True: ``forward(x, residual)`` adds the residual to its output (``distq.infer.fusion``
+        moved a following ``+`` into this layer)."""
 
     def float_weight(self) -> torch.Tensor:
         """The dequantized weight, for float inputs only; made on first use so that an
@@ -148,17 +151,19 @@ class _BitLayer(nn.Module):
             y[rows] = acc.double().mul_(scale).add_(self.out_shift)
         return y
 
-    def _native_forward(self, x: CodedActivation, shape: tuple[int, ...]) -> torch.Tensor:
-        """Integer activations -> the native GEMM with the affine fused into its output, in the
-        reference's float64 arithmetic: (rows, out) floats, viewed as ``shape`` (channels
-        last), or with a fused activation its CodedActivation."""
+    def _native_forward(self, x: CodedActivation, shape: tuple[int, ...], residual=None) -> torch.Tensor:
+        """Integer activations -> the native GEMM with the affine (and the residual) fused into
+        its output, in the reference's arithmetic: (rows, out) floats, viewed as ``shape``
+        (channels last), or with a fused activation its CodedActivation."""
         self.calls["bit"] += 1
         if self._native_scale is None or self._native_scale[0] != x.scale:  # the same scale on every call
             self._native_scale = (x.scale, (x.scale * self.acc_scale).expand(self.native.out).contiguous())
         run = self.native.conv if x.ints.dim() == 4 else self.native.linear
         ints = x.ints if x.ints.dim() == 4 else x.ints.reshape(-1, x.shape[-1])
         n = levels(self.fused_act_bits) if self.fused_act_bits else 0
-        y = run(ints, x.code, self._native_scale[1], self._native_shift, x.dtype, n)
+        if residual is not None:
+            residual = residual.as_subclass(torch.Tensor)
+        y = run(ints, x.code, self._native_scale[1], self._native_shift, x.dtype, n, residual)
         if not n:
             return self._channels_last_view(y, shape)
         values, codes = y
@@ -197,18 +202,19 @@ class BitConv2d(_BitLayer):
         kh, kw = self.kernel_size
         return rows.view(rows.shape[0], kh, kw, -1).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, CodedActivation):
-            self.calls["float"] += 1
-            y = F.conv2d(x, self.float_weight(), None, self.stride, self.padding)
-            return self._float_affine(y, 1)
-        if self.native is not None:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual``: added to the output (see ``takes_residual``)."""
+        if isinstance(x, CodedActivation) and self.native is not None:
             oh, ow = self.native.output_size(*x.shape[2:])
-            return self._native_forward(x, (x.shape[0], self.native.out, oh, ow))
-        patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
-        y = self._bit_forward(patches, x)  # (N * OH * OW, out)
-        # NCHW view of channels-last memory: the next im2col reads it without a transpose.
-        return y.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+            return self._native_forward(x, (x.shape[0], self.native.out, oh, ow), residual)
+        if isinstance(x, CodedActivation):
+            patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
+            # NCHW view of channels-last memory (N * OH * OW, out): the next im2col reads it without a transpose.
+            y = self._bit_forward(patches, x).view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+        else:
+            self.calls["float"] += 1
+            y = self._float_affine(F.conv2d(x, self.float_weight(), None, self.stride, self.padding), 1)
+        return y if residual is None else y + residual
 
     def extra_repr(self) -> str:
         return f"out={self.packed.out_features}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}, bits={self.bits}"

@@ -45,12 +45,14 @@ int dq_pack(const void* ints, int32_t elem, int64_t rows, int64_t cols, const dq
 // as `act` says) with a packed layer. The input is packed here, line by line (pixel x of an
 // image line at bits x * in_channels ...), then im2col and the GEMM run on those bits.
 // values[(n, oy, ox)][o] (row-major) receives the exact integer dot product (DQ_OUT_INT64), or
-// y = acc * scale[o] + shift[o] computed in float64 and stored as float32/float64; with
-// levels > 0 it receives instead the next DoReFa activation's value q / levels, and codes its
-// integer q = round(clamp(y, 0, 1) * levels), exactly as dq_quantize_unit would from y.
+// y = acc * scale[o] + shift[o] computed in float64 and stored as float32/float64; with a
+// residual (same type and layout as values, or null) y = (that y) + residual, one more
+// rounding, as a separate add would do; with levels > 0 values receive instead the next
+// DoReFa activation's value q / levels, and codes its integer q = round(clamp(y, 0, 1) *
+// levels), exactly as dq_quantize_unit would from y.
 int dq_bit_conv(const dq_layer* layer, const dq_code* act, const void* ints, int32_t elem, int64_t n, int64_t h, int64_t w,
-                const double* scale, const double* shift, int32_t out_kind, int32_t levels, void* values, uint8_t* codes,
-                int32_t threads);
+                const double* scale, const double* shift, const void* residual, int32_t out_kind, int32_t levels, void* values,
+                uint8_t* codes, int32_t threads);
 
 // DoReFa activation quantizer on a dense float32/float64 buffer: ints = round(clamp(x, 0, 1) * levels)
 // (round half to even, as torch.round) and values = ints / levels in the same float type.

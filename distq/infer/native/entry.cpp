@@ -85,15 +85,15 @@ int dq_pack(const void* ints, int32_t elem, int64_t rows, int64_t cols, const dq
 }
 
 int dq_bit_conv(const dq_layer* layer, const dq_code* act, const void* ints, int32_t elem, int64_t n, int64_t h, int64_t w,
-                const double* scale, const double* shift, int32_t out_kind, int32_t levels, void* values, uint8_t* codes,
-                int32_t threads) {
+                const double* scale, const double* shift, const void* residual, int32_t out_kind, int32_t levels, void* values,
+                uint8_t* codes, int32_t threads) {
     const dq_layer& L = *layer;
     const int64_t oh = (h + 2 * L.pad_h - L.kernel_h) / L.stride_h + 1;
     const int64_t ow = (w + 2 * L.pad_w - L.kernel_w) / L.stride_w + 1;
     if (oh <= 0 || ow <= 0 || act->planes < 1 || act->planes > DQ_MAX_PLANES) return -1;
     if ((int64_t)L.kernel_h * L.kernel_w * L.in_channels > 64 * L.k_words) return -1;
     if (elem < DQ_ELEM_U8 || elem > DQ_ELEM_I32 || (act->sign && act->planes != 2)) return -1;
-    if (levels < 0 || levels > 255 || (levels > 0 && out_kind == DQ_OUT_INT64)) return -1;
+    if (levels < 0 || levels > 255 || ((levels > 0 || residual) && out_kind == DQ_OUT_INT64)) return -1;
     const bool xnor = act->sign && L.code.sign;
     const int64_t m = n * oh * ow;
     // A line of one pixel (a linear layer) under a 1x1 kernel is already a bit row.
@@ -111,7 +111,7 @@ int dq_bit_conv(const dq_layer* layer, const dq_code* act, const void* ints, int
     const IsaKernels* k = active();
     k->pack(ints, elem, n * h, w * L.in_channels, act, lines, threads);
     k->im2col(Im2colArgs{layer, act, lines, n, h, w, oh, ow, rows, sums, xnor, rows_are_lines}, threads);
-    k->gemm(GemmArgs{layer, act, rows, sums, m, xnor, scale, shift, out_kind, levels, values, codes}, threads);
+    k->gemm(GemmArgs{layer, act, rows, sums, m, xnor, scale, shift, residual, out_kind, levels, values, codes}, threads);
     return 0;
 }
 

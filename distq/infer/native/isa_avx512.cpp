@@ -36,46 +36,58 @@ struct V {
     static inline int64_t popcount64(uint64_t x) { return __builtin_popcountll(x); }
 
     // The epilogue, 8 outputs at a time (masked at the row's end): acc * scale + shift in
-    // float64 as a multiply then an add, each rounded, like the reference.
+    // float64 as a multiply then an add, each rounded, like the reference; then the residual
+    // added in the output's type.
     static constexpr bool vector_epilogue = true;
+    static inline __mmask8 lanes(int64_t left) { return left >= 8 ? 0xFF : (__mmask8)((1u << left) - 1); }
     static inline __m512d affine8(const int64_t* acc, const double* scale, const double* shift, __mmask8 m) {
         const __m512d a = _mm512_cvtepi64_pd(_mm512_maskz_loadu_epi64(m, acc));
         return _mm512_add_pd(_mm512_mul_pd(a, _mm512_maskz_loadu_pd(m, scale)), _mm512_maskz_loadu_pd(m, shift));
     }
-    static inline __mmask8 lanes(int64_t left) { return left >= 8 ? 0xFF : (__mmask8)((1u << left) - 1); }
-    static inline void affine(const int64_t* acc, const double* scale, const double* shift, float* y, int64_t n) {
-        for (int64_t o = 0; o < n; o += 8) {
-            const __mmask8 m = lanes(n - o);
-            _mm256_mask_storeu_ps(y + o, m, _mm512_cvtpd_ps(affine8(acc + o, scale + o, shift + o, m)));
-        }
+    static inline __m256 output8(const int64_t* acc, const double* scale, const double* shift, const float* residual,
+                                 __mmask8 m) {
+        const __m256 y = _mm512_cvtpd_ps(affine8(acc, scale, shift, m));
+        return residual ? _mm256_add_ps(y, _mm256_maskz_loadu_ps(m, residual)) : y;
     }
-    static inline void affine(const int64_t* acc, const double* scale, const double* shift, double* y, int64_t n) {
+    static inline __m512d output8(const int64_t* acc, const double* scale, const double* shift, const double* residual,
+                                  __mmask8 m) {
+        const __m512d y = affine8(acc, scale, shift, m);
+        return residual ? _mm512_add_pd(y, _mm512_maskz_loadu_pd(m, residual)) : y;
+    }
+    template <typename F>
+    static inline void affine(const int64_t* acc, const double* scale, const double* shift, const F* residual, F* y,
+                              int64_t n) {
         for (int64_t o = 0; o < n; o += 8) {
             const __mmask8 m = lanes(n - o);
-            _mm512_mask_storeu_pd(y + o, m, affine8(acc + o, scale + o, shift + o, m));
+            const auto v = output8(acc + o, scale + o, shift + o, residual ? residual + o : nullptr, m);
+            if constexpr (sizeof(F) == 4)
+                _mm256_mask_storeu_ps(y + o, m, v);
+            else
+                _mm512_mask_storeu_pd(y + o, m, v);
         }
     }
     // quantize_unit_value on 8 lanes: clamp as std::min(std::max(x, 0), 1) (max/min here take
     // their second operand on ties, so -0 becomes +0, which rounds to the same integer), round
     // half to even, and the value from the integer, q / levels.
-    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, float levels,
-                                       float* values, uint8_t* codes, int64_t n) {
+    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, const float* residual,
+                                       float levels, float* values, uint8_t* codes, int64_t n) {
         const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), l = _mm256_set1_ps(levels);
         for (int64_t o = 0; o < n; o += 8) {
             const __mmask8 m = lanes(n - o);
-            const __m256 y = _mm512_cvtpd_ps(affine8(acc + o, scale + o, shift + o, m));
+            const __m256 y = output8(acc + o, scale + o, shift + o, residual ? residual + o : nullptr, m);
             const __m256 c = _mm256_min_ps(_mm256_max_ps(y, zero), one);
             const __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(c, l), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
             _mm_mask_storeu_epi8(codes + o, m, _mm256_cvtepi32_epi8(q));
             _mm256_mask_storeu_ps(values + o, m, _mm256_div_ps(_mm256_cvtepi32_ps(q), l));
         }
     }
-    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, double levels,
-                                       double* values, uint8_t* codes, int64_t n) {
+    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, const double* residual,
+                                       double levels, double* values, uint8_t* codes, int64_t n) {
         const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0), l = _mm512_set1_pd(levels);
         for (int64_t o = 0; o < n; o += 8) {
             const __mmask8 m = lanes(n - o);
-            const __m512d c = _mm512_min_pd(_mm512_max_pd(affine8(acc + o, scale + o, shift + o, m), zero), one);
+            const __m512d y = output8(acc + o, scale + o, shift + o, residual ? residual + o : nullptr, m);
+            const __m512d c = _mm512_min_pd(_mm512_max_pd(y, zero), one);
             const __m256i q = _mm512_cvtpd_epi32(_mm512_roundscale_pd(_mm512_mul_pd(c, l), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
             _mm_mask_storeu_epi8(codes + o, m, _mm256_cvtepi32_epi8(q));
             _mm512_mask_storeu_pd(values + o, m, _mm512_div_pd(_mm512_cvtepi32_pd(q), l));

@@ -15,6 +15,7 @@ struct GemmArgs {
     bool xnor;
     const double* scale;  // [layer->out], for float outputs
     const double* shift;
+    const void* residual;  // [m][layer->out] of the output's float type, added to y; or null
     int32_t out_kind;
     int32_t levels;  // > 0: quantize y into the next DoReFa activation
     void* values;    // [m][layer->out]

@@ -101,24 +101,25 @@ class NativeWeight:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
-    def conv(self, ints: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels: int = 0):
+    def conv(self, ints: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels=0, residual=None):
         """(N, C, H, W) integers (any layout; channels-last is read in place) -> (N * OH * OW, out):
         the exact integer dot products (``dtype`` int64), or acc * scale + shift (float64
-        maths) as ``dtype``; with ``levels``, that quantized for DoReFa's next activation:
-        (values, codes)."""
+        maths) as ``dtype``, plus ``residual`` (N, out, OH, OW) if given; with ``levels``,
+        that quantized for DoReFa's next activation: (values, codes)."""
         n, _, h, w = ints.shape
-        nhwc = ints.permute(0, 2, 3, 1)
-        if not nhwc.is_contiguous():
-            nhwc = nhwc.contiguous()
         oh, ow = self.output_size(h, w)
-        return self._run(nhwc, code, n, h, w, n * oh * ow, scale, shift, dtype, levels)
+        if residual is not None:
+            residual = _channels_last_rows(residual, dtype)
+        return self._run(_channels_last_rows(ints), code, n, h, w, n * oh * ow, scale, shift, dtype, levels, residual)
 
-    def linear(self, rows: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels: int = 0):
+    def linear(self, rows: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels=0, residual=None):
         """(R, in_features) integers -> (R, out), as ``conv``."""
         rows = rows.contiguous()
-        return self._run(rows, code, rows.shape[0], 1, 1, rows.shape[0], scale, shift, dtype, levels)
+        if residual is not None:
+            residual = residual.to(dtype).contiguous()
+        return self._run(rows, code, rows.shape[0], 1, 1, rows.shape[0], scale, shift, dtype, levels, residual)
 
-    def _run(self, ints, code, n, h, w, out_rows, scale, shift, dtype, levels):
+    def _run(self, ints, code, n, h, w, out_rows, scale, shift, dtype, levels, residual):
         if ints.dtype not in ELEMENT_KINDS:
             raise TypeError(f"native kernels take {', '.join(map(str, ELEMENT_KINDS))} integers, not {ints.dtype}")
         values = torch.empty(out_rows, self.out, dtype=dtype)
@@ -133,6 +134,7 @@ class NativeWeight:
             w,
             None if scale is None else scale.data_ptr(),
             None if shift is None else shift.data_ptr(),
+            None if residual is None else residual.data_ptr(),
             OUT_KINDS[dtype],
             levels,
             values.data_ptr(),
@@ -141,6 +143,14 @@ class NativeWeight:
         )
         _check(status, "conv")
         return (values, codes) if levels else values
+
+
+def _channels_last_rows(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An (N, C, H, W) tensor's memory as channels-last rows, copied only if it is not already."""
+    nhwc = t.permute(0, 2, 3, 1)
+    if dtype is not None and nhwc.dtype != dtype:
+        nhwc = nhwc.to(dtype)
+    return nhwc if nhwc.is_contiguous() else nhwc.contiguous()
 
 
 def int_dot(x_ints: torch.Tensor, code: PlaneCode, weight: PackedWeight) -> torch.Tensor:
