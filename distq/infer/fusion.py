@@ -1,9 +1,10 @@
 """Fuse a conv with what follows it up to the next DoReFa activation: the native conv then
 writes the activation's integers and values directly, and its float output never exists.
 
-Two patterns, in a ResNet's blocks:
+Two patterns; in a ResNet:
 
     conv1 -> bn1 (folded) -> relu                       the conv quantizes its output
+                                                        (also the float stem conv)
     conv2 -> bn2 (folded) -> (+ identity) -> act_out    the conv adds the residual, then quantizes
 
 Where that is safe is read from the network's dataflow, not assumed from its architecture:
@@ -12,7 +13,9 @@ only when every value between conv and activation has a single use, the folded b
 are ``nn.Identity``, both modules are called at exactly one place, and the residual is
 computed before the conv. The second pattern rewrites the graph (the ``+`` moves into the
 conv's call), so the engine then runs the traced ``GraphModule``, which holds the very same
-layer objects. A network fx cannot trace is left as it is.
+layer objects, calls no container modules and no folded batch-norms (``nn.Identity``): at
+batch 1 those calls cost more than the small layers' arithmetic. A network fx cannot trace
+is left as it is.
 
 The fused result is exactly the unfused one: the native epilogue rounds the affine to the
 engine's dtype, adds the residual in that dtype (IEEE addition commutes, so the operand
@@ -42,8 +45,8 @@ class _EngineTracer(fx.Tracer):
 
 
 def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
-    """Fuse every safe (native BitConv2d, DoReFa IntAct) pair of ``net``; returns the network
-    to run (``net``, or a GraphModule of it where a residual moved) and the fused pairs."""
+    """Fuse every safe (native conv, DoReFa IntAct) pair of ``net``; returns the network
+    to run (a GraphModule of it, or ``net`` itself where fx cannot trace it) and the fused pairs."""
     try:
         graph = _EngineTracer().trace(net)
     except Exception:  # any construct fx cannot follow: no fusion, never a wrong one
@@ -60,14 +63,17 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, st
             and call_sites[node.target] == 1
         )
 
-    def native_conv_feeding(node):
+    def native_conv_feeding(node, kinds=(BitConv2d, FloatLayer)):
         """The native conv whose output reaches ``node`` through single-use folded batch-norms."""
         while called_once(node, nn.Identity) and len(node.users) == 1:
             node = node.args[0]
-        ok = called_once(node, BitConv2d) and len(node.users) == 1 and len(node.args) == 1 and not node.kwargs
-        return node if ok and modules[node.target].native is not None else None
+        if not (called_once(node, kinds) and len(node.users) == 1 and len(node.args) == 1 and not node.kwargs):
+            return None
+        module = modules[node.target]
+        native = module.native is not None if isinstance(module, BitConv2d) else module.native and module.conv
+        return node if native else None
 
-    pairs, moved_residual = [], False
+    pairs = []
     for act in list(graph.nodes):
         if not called_once(act, IntAct) or modules[act.target].method != "dorefa":
             continue
@@ -75,21 +81,22 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, st
         conv = native_conv_feeding(source)
         if conv is None and _is_add(source) and len(source.users) == 1:
             for i in (0, 1):
-                conv, residual = native_conv_feeding(source.args[i]), source.args[1 - i]
+                conv, residual = native_conv_feeding(source.args[i], BitConv2d), source.args[1 - i]
                 if conv is not None and isinstance(residual, fx.Node) and position[residual] < position[conv]:
                     conv.args = (conv.args[0], residual)
                     modules[conv.target].takes_residual = True
                     source.replace_all_uses_with(source.args[i])
                     graph.erase_node(source)
-                    moved_residual = True
                     break
                 conv = None
         if conv is not None:
-            modules[conv.target].fused_act_bits = modules[act.target].bits
+            modules[conv.target].fuse_activation(modules[act.target].bits)
             modules[act.target].computed_by = conv.target
             pairs.append((conv.target, act.target))
-    if not moved_residual:
-        return net, pairs
+    for node in list(graph.nodes):  # folded batch-norms: no call at all
+        if called_once(node, nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
     graph.lint()
     return fx.GraphModule(net, graph, class_name=type(net).__name__), pairs
 

@@ -126,6 +126,7 @@ class _BitLayer(nn.Module):
         self.fused_act_bits = 0
         """> 0: this layer's native output is the DoReFa activation of that many bits that
         follows it (``distq.infer.fusion``): values and integers, not the affine's floats."""
+        self.fused_code = PlaneCode("unsigned", 1)
         self.takes_residual = False
         """True: ``forward(x, residual)`` adds the residual to its output (``distq.infer.fusion``
         moved a following ``+`` into this layer)."""
@@ -151,32 +152,23 @@ class _BitLayer(nn.Module):
             y[rows] = acc.double().mul_(scale).add_(self.out_shift)
         return y
 
-    def _native_forward(self, x: CodedActivation, shape: tuple[int, ...], residual=None) -> torch.Tensor:
+    def fuse_activation(self, bits: int) -> None:
+        """From now on the native output is the DoReFa activation of ``bits`` that follows."""
+        self.fused_act_bits, self.fused_code = bits, PlaneCode("unsigned", bits)
+
+    def _native_forward(self, x: CodedActivation, ints: torch.Tensor, residual=None):
         """Integer activations -> the native GEMM with the affine (and the residual) fused into
-        its output, in the reference's arithmetic: (rows, out) floats, viewed as ``shape``
-        (channels last), or with a fused activation its CodedActivation."""
+        its output, in the reference's arithmetic: floats (conv: channels-last NCHW; linear:
+        rows), or with a fused activation its CodedActivation."""
         self.calls["bit"] += 1
         if self._native_scale is None or self._native_scale[0] != x.scale:  # the same scale on every call
             self._native_scale = (x.scale, (x.scale * self.acc_scale).expand(self.native.out).contiguous())
-        run = self.native.conv if x.ints.dim() == 4 else self.native.linear
-        ints = x.ints if x.ints.dim() == 4 else x.ints.reshape(-1, x.shape[-1])
+        run = self.native.conv if ints.dim() == 4 else self.native.linear
         n = levels(self.fused_act_bits) if self.fused_act_bits else 0
         if residual is not None:
             residual = residual.as_subclass(torch.Tensor)
         y = run(ints, x.code, self._native_scale[1], self._native_shift, x.dtype, n, residual)
-        if not n:
-            return self._channels_last_view(y, shape)
-        values, codes = y
-        view = self._channels_last_view
-        return coded(view(values, shape), view(codes, shape), PlaneCode("unsigned", self.fused_act_bits), 1.0 / n)
-
-    @staticmethod
-    def _channels_last_view(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """(rows, out) -> ``shape`` with the channels last in memory (NCHW view of NHWC for a conv)."""
-        if len(shape) != 4:
-            return y.view(shape)
-        n, c, h, w = shape
-        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+        return coded(y[0], y[1], self.fused_code, 1.0 / n) if n else y
 
     def _float_affine(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         return channel_affine(y, self.out_scale_f, self.out_shift_f, channel_dim)
@@ -204,9 +196,8 @@ class BitConv2d(_BitLayer):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``residual``: added to the output (see ``takes_residual``)."""
-        if isinstance(x, CodedActivation) and self.native is not None:
-            oh, ow = self.native.output_size(*x.shape[2:])
-            return self._native_forward(x, (x.shape[0], self.native.out, oh, ow), residual)
+        if self.native is not None and isinstance(x, CodedActivation):
+            return self._native_forward(x, x.ints, residual)
         if isinstance(x, CodedActivation):
             patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
             # NCHW view of channels-last memory (N * OH * OW, out): the next im2col reads it without a transpose.
@@ -226,7 +217,8 @@ class BitLinear(_BitLayer):
             self.calls["float"] += 1
             return self._float_affine(F.linear(x, self.float_weight()), -1)
         if self.native is not None:
-            return self._native_forward(x, (*x.shape[:-1], self.native.out))
+            y = self._native_forward(x, x.ints.reshape(-1, x.shape[-1]))
+            return y.view(*x.shape[:-1], -1) if x.dim() != 2 else y
         return self._bit_forward(x.ints.reshape(-1, x.shape[-1]), x).view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
@@ -286,15 +278,25 @@ class FloatLayer(nn.Module):
     def __init__(self, original: nn.Module, weight: torch.Tensor, out_scale: torch.Tensor, out_shift: torch.Tensor, dtype, native=False):
         super().__init__()
         self.native = native
+        self.fused_act_bits = 0
+        """> 0: the output is the DoReFa activation of that many bits that follows (``distq.infer.fusion``)."""
         self.weight, self.out_scale, self.out_shift = weight.to(dtype), out_scale.to(dtype), out_shift.to(dtype)
         self.conv = isinstance(original, nn.Conv2d)
         if self.conv:
             self.stride, self.padding = original.stride, original.padding
 
+    def fuse_activation(self, bits: int) -> None:
+        """From now on a conv's output is the DoReFa activation of ``bits`` that follows."""
+        self.fused_act_bits = bits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)
         if self.conv:
             y = F.conv2d(x, self.weight, None, self.stride, self.padding)
+            if self.native and self.fused_act_bits:
+                n = levels(self.fused_act_bits)
+                values, codes = affine_to_channels_last(y, self.out_scale, self.out_shift, n)
+                return coded(values, codes, PlaneCode("unsigned", self.fused_act_bits), 1.0 / n)
             if self.native:
                 return affine_to_channels_last(y, self.out_scale, self.out_shift)
             return channel_affine(y, self.out_scale, self.out_shift, 1)

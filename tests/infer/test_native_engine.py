@@ -105,10 +105,11 @@ def test_every_layer_equals_the_reference_engine(random_resnet, resnet_header, m
     seen, fused = assert_same_layers(export, images, torch.float32)
     acts = [ints for name, (_, ints) in seen.items() if ints is not None]
     assert len(acts) == 16 and all(a.unique().numel() > 1 for a in acts)  # no constant activation: the test proves something
-    # Where the activations are DoReFa: every block's conv1 with its relu, and conv2 with the
-    # residual add and act_out, except the last block's (full precision, before the pooling).
+    # Where the activations are DoReFa: the float stem conv with its activation, every block's
+    # conv1 with its relu, and conv2 with the residual add and act_out, except the last
+    # block's (full precision, before the pooling).
     blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    expected = [(f"{b}.conv{k}", f"{b}.{act}") for b in blocks for k, act in ((1, "relu"), (2, "act_out"))][:-1]
+    expected = [("conv1", "relu")] + [(f"{b}.conv{k}", f"{b}.{act}") for b in blocks for k, act in ((1, "relu"), (2, "act_out"))][:-1]
     assert fused == (expected if method == "dorefa" else [])
 
 

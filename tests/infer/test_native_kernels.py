@@ -115,6 +115,11 @@ GEOMETRIES = [  # kernel, stride, padding
 CHANNELS = [1, 3, 17, 64, 65, 130]
 
 
+def rows(y: torch.Tensor) -> torch.Tensor:
+    """A native conv's (N, out, OH, OW) output as the reference's (N * OH * OW, out) rows."""
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
 def _reference_conv(x, code, weight, kernel, stride, padding):
     """The reference engine's conv: im2col of the integers, then its bit kernels."""
     patches, oh, ow = im2col(x, kernel, stride, padding)
@@ -136,7 +141,7 @@ def test_conv_equals_the_reference_engine(kernel, stride, padding, channels):
     assert torch.equal(expected.view(batch, oh, ow, out).permute(0, 3, 1, 2).double(), conv)
     native = ops.NativeWeight(weight, channels, kernel, stride, padding)
     assert native.output_size(h, w) == (oh, ow)
-    assert_equal_on_every_isa(lambda: native.conv(x, code), expected)
+    assert_equal_on_every_isa(lambda: rows(native.conv(x, code)), expected)
 
 
 @pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES[:3])
@@ -147,7 +152,7 @@ def test_xnor_conv_zero_padding_contributes_nothing(kernel, stride, padding):
     weight, code = pack_weight(conv_weight_rows(ints), 1), PlaneCode("sign", 1)
     expected, _, _ = _reference_conv(x, code, weight, kernel, stride, padding)
     native = ops.NativeWeight(weight, 67, kernel, stride, padding)
-    assert_equal_on_every_isa(lambda: native.conv(x, code), expected)
+    assert_equal_on_every_isa(lambda: rows(native.conv(x, code)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -162,7 +167,7 @@ def test_fused_affine_rounds_like_the_reference(dtype):
     native = ops.NativeWeight(weight, 37, (3, 3), (1, 1), (1, 1))
     acc, _, _ = _reference_conv(x, code, weight, (3, 3), (1, 1), (1, 1))
     expected = acc.double().mul_(scale).add_(shift).to(dtype)
-    assert_equal_on_every_isa(lambda: native.conv(x, code, scale, shift, dtype), expected)
+    assert_equal_on_every_isa(lambda: rows(native.conv(x, code, scale, shift, dtype)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -178,6 +183,7 @@ def test_fused_activation_equals_the_affine_then_the_quantizer(dtype, act_bits):
     shift = torch.rand(19, generator=g, dtype=torch.float64) - 0.3
     native, n = ops.NativeWeight(weight, 33, (3, 3), (2, 2), (1, 1)), (1 << act_bits) - 1
     y = native.conv(x, code, scale, shift, dtype)
+    assert y.shape == (2, 19, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
     expected_codes = torch.round(y.clamp(0, 1) * n).to(torch.uint8)
     assert expected_codes.unique().numel() >= min(n + 1, 3)  # the affine spans several levels: the test proves something
     assert_equal_on_every_isa(lambda: native.conv(x, code, scale, shift, dtype, n)[1], expected_codes)
@@ -224,7 +230,12 @@ def test_float_affine_to_channels_last_rounds_like_torch(dtype):
     y = torch.randn(3, 70, 5, 13, generator=g, dtype=dtype)
     scale, shift = torch.randn(70, generator=g, dtype=dtype), torch.randn(70, generator=g, dtype=dtype)
     assert ops.affine_to_channels_last(y, scale, shift).is_contiguous(memory_format=torch.channels_last)
-    assert_equal_on_every_isa(lambda: ops.affine_to_channels_last(y, scale, shift), channel_affine(y, scale, shift, 1))
+    expected = channel_affine(y, scale, shift, 1)
+    assert_equal_on_every_isa(lambda: ops.affine_to_channels_last(y, scale, shift), expected)
+    # Fused with the DoReFa activation after it: IntAct's integers and values of that output.
+    codes = torch.round(expected.clamp(0, 1) * 7).to(torch.uint8)
+    assert_equal_on_every_isa(lambda: ops.affine_to_channels_last(y, scale, shift, 7)[1], codes)
+    assert_equal_on_every_isa(lambda: ops.affine_to_channels_last(y, scale, shift, 7)[0], dorefa_values(codes, 3, dtype))
 
 
 def test_packing_matches_the_reference_planes():

@@ -61,8 +61,10 @@ int dq_quantize_unit(const void* x, int32_t is_double, int64_t count, int32_t le
 
 // A float conv's per-channel affine, y * scale + shift (a multiply and an add, each rounded, as
 // torch computes them), reading NCHW and writing NHWC: the layout every native layer reads.
+// With levels > 0, out receives the next DoReFa activation's values and codes its integers,
+// as dq_quantize_unit would give from the affine's output.
 int dq_affine_to_channels_last(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t hw, const void* scale,
-                               const void* shift, void* out, int32_t threads);
+                               const void* shift, int32_t levels, void* out, uint8_t* codes, int32_t threads);
 
 // Max pooling of channels-last uint8 codes [n][h][w][c] over windows geometry = (kernel_h, kernel_w,
 // stride_h, stride_w, pad_h, pad_w) (dilation 1, floor mode); out_values[i] = values[out[i]].

@@ -123,8 +123,9 @@ int dq_quantize_unit(const void* x, int32_t is_double, int64_t count, int32_t le
 }
 
 int dq_affine_to_channels_last(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t hw, const void* scale,
-                               const void* shift, void* out, int32_t threads) {
-    active()->affine_to_channels_last(y, is_double, n, c, hw, scale, shift, out, threads);
+                               const void* shift, int32_t levels, void* out, uint8_t* codes, int32_t threads) {
+    if (levels < 0 || levels > 255 || (levels > 0 && !codes)) return -1;
+    active()->affine_to_channels_last(y, is_double, n, c, hw, scale, shift, levels, out, codes, threads);
     return 0;
 }
 

@@ -43,7 +43,7 @@ struct IsaKernels {
     void (*quantize)(const void* x, int32_t is_double, int64_t count, int32_t levels, uint8_t* ints, void* values,
                      int32_t threads);
     void (*affine_to_channels_last)(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t hw, const void* scale,
-                                    const void* shift, void* out, int32_t threads);
+                                    const void* shift, int32_t levels, void* out, uint8_t* codes, int32_t threads);
     void (*max_pool_codes)(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const int32_t* geometry, int64_t oh,
                            int64_t ow, const void* values, int32_t is_double, uint8_t* out, void* out_values, int32_t threads);
 };

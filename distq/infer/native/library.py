@@ -64,7 +64,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dq_pack": [p, i32, i64, i64, p, p, i32],
         "dq_bit_conv": [p, p, p, i32, i64, i64, i64, p, p, p, i32, i32, p, p, i32],
         "dq_quantize_unit": [p, i32, i64, i32, p, p, i32],
-        "dq_affine_to_channels_last": [p, i32, i64, i64, i64, p, p, p, i32],
+        "dq_affine_to_channels_last": [p, i32, i64, i64, i64, p, p, i32, p, p, i32],
         "dq_max_pool_codes": [p, i64, i64, i64, i64, p, p, i32, p, p, i32],
         "dq_best_isa": [],
         "dq_set_isa": [i32],

@@ -95,6 +95,7 @@ class NativeWeight:
             code=_code(packed.coefs, packed.sign),
         )
         self._address = ctypes.addressof(self.layer)
+        self._bit_conv = load().dq_bit_conv
         self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -102,33 +103,36 @@ class NativeWeight:
         return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
     def conv(self, ints: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels=0, residual=None):
-        """(N, C, H, W) integers (any layout; channels-last is read in place) -> (N * OH * OW, out):
-        the exact integer dot products (``dtype`` int64), or acc * scale + shift (float64
-        maths) as ``dtype``, plus ``residual`` (N, out, OH, OW) if given; with ``levels``,
-        that quantized for DoReFa's next activation: (values, codes)."""
+        """(N, C, H, W) integers (any layout; channels-last is read in place) -> (N, out, OH, OW)
+        with channels-last memory: the exact integer dot products (``dtype`` int64), or
+        acc * scale + shift (float64 maths) as ``dtype``, plus ``residual`` (N, out, OH, OW)
+        if given; with ``levels``, that quantized for DoReFa's next activation: (values, codes)."""
         n, _, h, w = ints.shape
         oh, ow = self.output_size(h, w)
         if residual is not None:
             residual = _channels_last_rows(residual, dtype)
-        return self._run(_channels_last_rows(ints), code, n, h, w, n * oh * ow, scale, shift, dtype, levels, residual)
+        out = self._run(_channels_last_rows(ints), code, n, h, w, (n, oh, ow, self.out), scale, shift, dtype, levels, residual)
+        return tuple(t.permute(0, 3, 1, 2) for t in out) if levels else out.permute(0, 3, 1, 2)
 
     def linear(self, rows: torch.Tensor, code: PlaneCode, scale=None, shift=None, dtype=torch.int64, levels=0, residual=None):
         """(R, in_features) integers -> (R, out), as ``conv``."""
         rows = rows.contiguous()
         if residual is not None:
             residual = residual.to(dtype).contiguous()
-        return self._run(rows, code, rows.shape[0], 1, 1, rows.shape[0], scale, shift, dtype, levels, residual)
+        return self._run(rows, code, rows.shape[0], 1, 1, (rows.shape[0], self.out), scale, shift, dtype, levels, residual)
 
-    def _run(self, ints, code, n, h, w, out_rows, scale, shift, dtype, levels, residual):
-        if ints.dtype not in ELEMENT_KINDS:
+    def _run(self, ints, code, n, h, w, out_shape, scale, shift, dtype, levels, residual):
+        """One native call; the Python here runs once per layer and image batch, so it stays lean."""
+        elem = ELEMENT_KINDS.get(ints.dtype)
+        if elem is None:
             raise TypeError(f"native kernels take {', '.join(map(str, ELEMENT_KINDS))} integers, not {ints.dtype}")
-        values = torch.empty(out_rows, self.out, dtype=dtype)
-        codes = torch.empty(out_rows, self.out, dtype=torch.uint8) if levels else None
-        status = load().dq_bit_conv(
+        values = torch.empty(out_shape, dtype=dtype)
+        codes = torch.empty(out_shape, dtype=torch.uint8) if levels else None
+        status = self._bit_conv(
             self._address,
             activation_address(code),
             ints.data_ptr(),
-            ELEMENT_KINDS[ints.dtype],
+            elem,
             n,
             h,
             w,
@@ -139,9 +143,10 @@ class NativeWeight:
             levels,
             values.data_ptr(),
             None if codes is None else codes.data_ptr(),
-            _threads(),
+            torch.get_num_threads(),
         )
-        _check(status, "conv")
+        if status:
+            _check(status, "conv")
         return (values, codes) if levels else values
 
 
@@ -159,17 +164,29 @@ def int_dot(x_ints: torch.Tensor, code: PlaneCode, weight: PackedWeight) -> torc
     return NativeWeight(weight, in_channels=x_ints.shape[1]).linear(x_ints, code)
 
 
-def affine_to_channels_last(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def affine_to_channels_last(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, levels: int = 0):
     """y * scale + shift per channel of an NCHW float tensor (two roundings, as torch computes
-    it), returned with channels-last memory: what the native layers after it read best."""
+    it), returned with channels-last memory: what the native layers after it read best. With
+    ``levels``: that quantized for DoReFa's next activation, (values, codes)."""
     n, c, h, w = y.shape
     y, scale, shift = y.contiguous(), scale.to(y.dtype).expand(c).contiguous(), shift.to(y.dtype).expand(c).contiguous()
     out = torch.empty(n, h, w, c, dtype=y.dtype)
+    codes = torch.empty(n, h, w, c, dtype=torch.uint8) if levels else None
     status = load().dq_affine_to_channels_last(
-        y.data_ptr(), int(y.dtype == torch.float64), n, c, h * w, scale.data_ptr(), shift.data_ptr(), out.data_ptr(), _threads()
+        y.data_ptr(),
+        int(y.dtype == torch.float64),
+        n,
+        c,
+        h * w,
+        scale.data_ptr(),
+        shift.data_ptr(),
+        levels,
+        out.data_ptr(),
+        None if codes is None else codes.data_ptr(),
+        _threads(),
     )
     _check(status, "affine")
-    return out.permute(0, 3, 1, 2)
+    return (out.permute(0, 3, 1, 2), codes.permute(0, 3, 1, 2)) if levels else out.permute(0, 3, 1, 2)
 
 
 def max_pool_codes(ints: torch.Tensor, values: torch.Tensor, kernel, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
