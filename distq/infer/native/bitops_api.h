@@ -71,6 +71,11 @@ int dq_affine_to_channels_last(const void* y, int32_t is_double, int64_t n, int6
 int dq_max_pool_codes(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const int32_t* geometry,
                       const void* values, int32_t is_double, uint8_t* out, void* out_values, int32_t threads);
 
+// Time spent inside dq_bit_conv, for benchmarks: seconds[0] packing the input, [1] im2col,
+// [2] the GEMM with its epilogue, summed since the last call; then resets them and turns
+// the (cheap) timing on or off.
+void dq_profile(int32_t on, double* seconds);
+
 int dq_best_isa(void);                // the widest instruction set this CPU and build support
 int dq_set_isa(int32_t isa);          // 0 on success, -1 if not supported here
 int dq_current_isa(void);

@@ -1,5 +1,7 @@
 // The C entry points: pick the instruction set once (the widest the CPU supports, or the one
 // dq_set_isa chose), keep per-thread scratch buffers, and run packing, im2col and GEMM.
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -34,6 +36,14 @@ const IsaKernels* kernels_for(int isa) {
 
 int chosen_isa = -1;
 
+// dq_profile's counters, in nanoseconds: packing, im2col, GEMM.
+std::atomic<bool> profiling{false};
+std::atomic<int64_t> profile_ns[3];
+
+int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 const IsaKernels* active() {
     if (chosen_isa < 0) chosen_isa = dq_best_isa();
     return kernels_for(chosen_isa);
@@ -53,6 +63,14 @@ T* scratch(std::unique_ptr<T[]>& buffer, int64_t& capacity, int64_t size) {
 }  // namespace
 
 extern "C" {
+
+void dq_profile(int32_t on, double* seconds) {
+    for (int i = 0; i < 3; ++i) {
+        const int64_t ns = profile_ns[i].exchange(0);
+        if (seconds) seconds[i] = ns * 1e-9;
+    }
+    profiling = on != 0;
+}
 
 int dq_best_isa(void) {
     for (int isa = DQ_ISA_AVX512; isa > DQ_ISA_PORTABLE; --isa)
@@ -109,9 +127,19 @@ int dq_bit_conv(const dq_layer* layer, const dq_code* act, const void* ints, int
     int64_t* sums = scratch(sum_buffer, sum_capacity, m);
 
     const IsaKernels* k = active();
+    const bool timed = profiling.load(std::memory_order_relaxed);
+    const int64_t t0 = timed ? now_ns() : 0;
     k->pack(ints, elem, n * h, w * L.in_channels, act, lines, threads);
+    const int64_t t1 = timed ? now_ns() : 0;
     k->im2col(Im2colArgs{layer, act, lines, n, h, w, oh, ow, rows, sums, xnor, rows_are_lines}, threads);
+    const int64_t t2 = timed ? now_ns() : 0;
     k->gemm(GemmArgs{layer, act, rows, sums, m, xnor, scale, shift, residual, out_kind, levels, values, codes}, threads);
+    if (timed) {
+        const int64_t t3 = now_ns();
+        profile_ns[0] += t1 - t0;
+        profile_ns[1] += t2 - t1;
+        profile_ns[2] += t3 - t2;
+    }
     return 0;
 }
 

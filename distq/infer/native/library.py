@@ -66,6 +66,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dq_quantize_unit": [p, i32, i64, i32, p, p, i32],
         "dq_affine_to_channels_last": [p, i32, i64, i64, i64, p, p, i32, p, p, i32],
         "dq_max_pool_codes": [p, i64, i64, i64, i64, p, p, i32, p, p, i32],
+        "dq_profile": [i32, p],
         "dq_best_isa": [],
         "dq_set_isa": [i32],
         "dq_current_isa": [],
@@ -73,7 +74,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     }
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = ctypes.c_char_p if name == "dq_isa_name" else ctypes.c_int
+        getattr(lib, name).restype = {"dq_isa_name": ctypes.c_char_p, "dq_profile": None}.get(name, ctypes.c_int)
     return lib
 
 

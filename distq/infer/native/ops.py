@@ -216,6 +216,22 @@ def max_pool_codes(ints: torch.Tensor, values: torch.Tensor, kernel, stride, pad
     return out.permute(0, 3, 1, 2), out_values.permute(0, 3, 1, 2)
 
 
+class KernelTimes:
+    """``with KernelTimes() as t:`` -> t.seconds = {"packing", "im2col", "gemm"}: the time the
+    native convs spent in each part inside the block (for benchmarks)."""
+
+    PARTS = ("packing", "im2col", "gemm")
+
+    def __enter__(self):
+        load().dq_profile(1, None)
+        return self
+
+    def __exit__(self, *exc):
+        seconds = (ctypes.c_double * 3)()
+        load().dq_profile(0, seconds)
+        self.seconds = dict(zip(self.PARTS, seconds))
+
+
 def quantize_unit(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DoReFa's activation integers and values in one pass: round(clamp(x, 0, 1) * levels) as
     uint8, and those integers / levels in x's dtype; both keep x's memory layout."""
