@@ -71,9 +71,9 @@ int dq_affine_to_channels_last(const void* y, int32_t is_double, int64_t n, int6
 int dq_max_pool_codes(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const int32_t* geometry,
                       const void* values, int32_t is_double, uint8_t* out, void* out_values, int32_t threads);
 
-// Time spent inside dq_bit_conv, for benchmarks: seconds[0] packing the input, [1] im2col,
-// [2] the GEMM with its epilogue, summed since the last call; then resets them and turns
-// the (cheap) timing on or off.
+// CPU time (of the whole process) spent inside dq_bit_conv, for benchmarks: seconds[0]
+// packing the input, [1] im2col, [2] the GEMM with its epilogue, summed since the last call;
+// then resets them and turns the timing (a clock read per part) on or off.
 void dq_profile(int32_t on, double* seconds);
 
 int dq_best_isa(void);                // the widest instruction set this CPU and build support
