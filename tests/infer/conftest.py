@@ -34,6 +34,24 @@ def _resnet_header(image_size=32, width=8):
     }
 
 
+def _random_alexnet(w_bits=2, a_bits=2):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="alexnet", small_input=True), QuantConfig(w_bits=w_bits, a_bits=a_bits), 10).eval()
+    header = {
+        "model": {"arch": "alexnet", "width": 64, "small_input": True, "num_classes": 10},
+        "preprocess": {"image_size": 32},
+        "classes": [str(i) for i in range(10)],
+    }
+    return model, header
+
+
+@pytest.fixture(scope="session")
+def random_alexnet():
+    """``random_alexnet(w_bits=2, a_bits=2)`` -> (model, export header): a quantized AlexNet for
+    32x32 images with random weights."""
+    return _random_alexnet
+
+
 @pytest.fixture(scope="session")
 def random_resnet():
     """``random_resnet(method, w_bits, a_bits, width=8, small_input=True, per_channel=False, seed=0)``:

@@ -19,14 +19,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from distq.config.schema import ModelConfig, QuantConfig
 from distq.export.exporter import export_model
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode
 from distq.infer.engine import build_engine
 from distq.infer.layers import BitConv2d, BitLinear, CodedActivation, IntAct, coded
 from distq.infer.verify import exact_reference
-from distq.models.build import build_model
 from distq.quant.layers import QAct
 
 CASES = [
@@ -157,16 +155,10 @@ def test_quantized_conv_takes_float_input_with_its_dequantized_weight():
 
 
 @pytest.mark.slow
-def test_alexnet_runs_its_first_classifier_layer_on_float_features():
+def test_alexnet_runs_its_first_classifier_layer_on_float_features(random_alexnet):
     """AlexNet keeps its final feature activation full precision, so classifier.1 is a
     quantized linear on float input, and classifier.4 one on integers."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="alexnet", small_input=True), QuantConfig(w_bits=2, a_bits=2), 10).eval()
-    header = {
-        "model": {"arch": "alexnet", "width": 64, "small_input": True, "num_classes": 10},
-        "preprocess": {"image_size": 32},
-        "classes": [str(i) for i in range(10)],
-    }
+    model, header = random_alexnet()
     export, summary = export_model(model, header)
     assert summary.ratio <= 1.05 * 2 / 32
     engine = build_engine(export, torch.float64)

@@ -16,7 +16,6 @@ import sys
 import pytest
 import torch
 
-from distq.config.schema import ModelConfig, QuantConfig
 from distq.errors import DistqError
 from distq.export.exporter import export_model
 from distq.infer import native
@@ -25,7 +24,6 @@ from distq.infer.engine import build_engine
 from distq.infer.layers import BitConv2d, BitLinear, CodedMaxPool2d, FloatLayer, IntAct, coded
 from distq.infer.native.build import compiler
 from distq.infer.native.library import available_isas, load
-from distq.models.build import build_model
 
 needs_native = pytest.mark.skipif(load() is None, reason="native kernels unavailable (no C++ compiler)")
 
@@ -146,15 +144,9 @@ def test_quantized_linear_on_integers(a_bits, code):
 
 @pytest.mark.slow
 @needs_native
-def test_alexnet_equals_the_reference_engine():
+def test_alexnet_equals_the_reference_engine(random_alexnet):
     """Max-pools of integer activations, and a quantized linear on integers (classifier.4)."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="alexnet", small_input=True), QuantConfig(w_bits=2, a_bits=2), 10).eval()
-    header = {
-        "model": {"arch": "alexnet", "width": 64, "small_input": True, "num_classes": 10},
-        "preprocess": {"image_size": 32},
-        "classes": [str(i) for i in range(10)],
-    }
+    model, header = random_alexnet()
     assert_same_layers(export_model(model, header)[0], torch.randn(2, 3, 32, 32), torch.float32)
 
 

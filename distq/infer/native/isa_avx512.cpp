@@ -68,29 +68,30 @@ struct V {
     }
     // quantize_unit_value on 8 lanes: clamp as std::min(std::max(x, 0), 1) (max/min here take
     // their second operand on ties, so -0 becomes +0, which rounds to the same integer), round
-    // half to even, and the value from the integer, q / levels.
-    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, const float* residual,
-                                       float levels, float* values, uint8_t* codes, int64_t n) {
-        const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), l = _mm256_set1_ps(levels);
-        for (int64_t o = 0; o < n; o += 8) {
-            const __mmask8 m = lanes(n - o);
-            const __m256 y = output8(acc + o, scale + o, shift + o, residual ? residual + o : nullptr, m);
-            const __m256 c = _mm256_min_ps(_mm256_max_ps(y, zero), one);
-            const __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(c, l), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            _mm_mask_storeu_epi8(codes + o, m, _mm256_cvtepi32_epi8(q));
-            _mm256_mask_storeu_ps(values + o, m, _mm256_div_ps(_mm256_cvtepi32_ps(q), l));
-        }
+    // half to even; the value comes from the integer, q / levels.
+    static constexpr int round_even = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    static inline __m256i quantize8(__m256 y, float levels) {
+        const __m256 c = _mm256_min_ps(_mm256_max_ps(y, _mm256_setzero_ps()), _mm256_set1_ps(1.0f));
+        return _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(levels)), round_even));
     }
-    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, const double* residual,
-                                       double levels, double* values, uint8_t* codes, int64_t n) {
-        const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0), l = _mm512_set1_pd(levels);
+    static inline __m256i quantize8(__m512d y, double levels) {
+        const __m512d c = _mm512_min_pd(_mm512_max_pd(y, _mm512_setzero_pd()), _mm512_set1_pd(1.0));
+        return _mm512_cvtpd_epi32(_mm512_roundscale_pd(_mm512_mul_pd(c, _mm512_set1_pd(levels)), round_even));
+    }
+    static inline void store_values(float* values, __mmask8 m, __m256i q, float levels) {
+        _mm256_mask_storeu_ps(values, m, _mm256_div_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(levels)));
+    }
+    static inline void store_values(double* values, __mmask8 m, __m256i q, double levels) {
+        _mm512_mask_storeu_pd(values, m, _mm512_div_pd(_mm512_cvtepi32_pd(q), _mm512_set1_pd(levels)));
+    }
+    template <typename F>
+    static inline void affine_quantize(const int64_t* acc, const double* scale, const double* shift, const F* residual,
+                                       F levels, F* values, uint8_t* codes, int64_t n) {
         for (int64_t o = 0; o < n; o += 8) {
             const __mmask8 m = lanes(n - o);
-            const __m512d y = output8(acc + o, scale + o, shift + o, residual ? residual + o : nullptr, m);
-            const __m512d c = _mm512_min_pd(_mm512_max_pd(y, zero), one);
-            const __m256i q = _mm512_cvtpd_epi32(_mm512_roundscale_pd(_mm512_mul_pd(c, l), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            const __m256i q = quantize8(output8(acc + o, scale + o, shift + o, residual ? residual + o : nullptr, m), levels);
             _mm_mask_storeu_epi8(codes + o, m, _mm256_cvtepi32_epi8(q));
-            _mm512_mask_storeu_pd(values + o, m, _mm512_div_pd(_mm512_cvtepi32_pd(q), l));
+            store_values(values + o, m, q, levels);
         }
     }
 
