@@ -171,6 +171,28 @@ def test_fused_affine_rounds_like_the_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layers_larger_than_a_chunk_of_rows(dtype):
+    """A conv whose bit rows outgrow one 256 KiB chunk (608 bytes a row here: 18 output lines
+    a chunk, 40 lines) is made chunk by chunk; every output, with a residual and a fused
+    activation too, lands where the reference puts it."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(0, 16, (2, 130, 20, 23), generator=g, dtype=torch.uint8)
+    ints = _dorefa_weights(21, 130 * 9, 2, g).view(21, 3, 3, 130).permute(0, 3, 1, 2)
+    weight, code = pack_weight(conv_weight_rows(ints), 2), PlaneCode("unsigned", 4)
+    scale = torch.rand(21, generator=g, dtype=torch.float64) / 3000
+    shift = torch.rand(21, generator=g, dtype=torch.float64) - 0.2
+    residual = torch.rand(2, 21, 20, 23, generator=g, dtype=dtype) / 2
+    native = ops.NativeWeight(weight, 130, (3, 3), (1, 1), (1, 1))
+    acc, _, _ = _reference_conv(x, code, weight, (3, 3), (1, 1), (1, 1))
+    assert_equal_on_every_isa(lambda: rows(native.conv(x, code)), acc)
+    y = acc.double().mul_(scale).add_(shift).to(dtype).view(2, 20, 23, 21).permute(0, 3, 1, 2) + residual
+    assert_equal_on_every_isa(lambda: native.conv(x, code, scale, shift, dtype, 0, residual), y)
+    expected_codes = torch.round(y.clamp(0, 1) * 3).to(torch.uint8)
+    assert expected_codes.unique().numel() == 4
+    assert_equal_on_every_isa(lambda: native.conv(x, code, scale, shift, dtype, 3, residual)[1], expected_codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act_bits", [1, 2, 4, 8])
 def test_fused_activation_equals_the_affine_then_the_quantizer(dtype, act_bits):
     """A conv fused with the DoReFa activation after it: the integers and values that

@@ -2,6 +2,7 @@
 // dq_set_isa chose), keep per-thread scratch buffers, and run packing, im2col and GEMM.
 #include <time.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -122,27 +123,43 @@ int dq_bit_conv(const dq_layer* layer, const dq_code* act, const void* ints, int
     const bool rows_are_lines = w == 1 && L.kernel_h == 1 && L.kernel_w == 1 && L.stride_h == 1 && L.stride_w == 1 &&
                                 L.pad_h == 0 && L.pad_w == 0;
 
+    // The bit rows are made and consumed a chunk of whole output lines at a time, about
+    // kChunkBytes of them: the GEMM reads a chunk once per block of output channels, from L2
+    // instead of memory when the whole batch's rows would not fit (ResNet-18's first layers
+    // at batch 64: 14 MB).
+    constexpr int64_t kChunkBytes = 256 << 10;
+    const int64_t row_words = act->planes * L.k_words, out_lines = n * oh;
+    const int64_t chunk_lines =
+        rows_are_lines ? out_lines : std::max<int64_t>(1, std::min<int64_t>(out_lines, kChunkBytes / (8 * row_words * ow)));
+
     thread_local std::unique_ptr<uint64_t[]> line_buffer, row_buffer;
     thread_local std::unique_ptr<int64_t[]> sum_buffer;
     thread_local int64_t line_capacity = 0, row_capacity = 0, sum_capacity = 0;
     const int64_t line_words = (w * L.in_channels + 63) / 64;
     uint64_t* lines = scratch(line_buffer, line_capacity, n * h * act->planes * line_words);
-    uint64_t* rows = rows_are_lines ? lines : scratch(row_buffer, row_capacity, m * act->planes * L.k_words);
+    uint64_t* rows = rows_are_lines ? lines : scratch(row_buffer, row_capacity, chunk_lines * ow * row_words);
     int64_t* sums = scratch(sum_buffer, sum_capacity, m);
 
     const IsaKernels* k = active();
     const bool timed = profiling.load(std::memory_order_relaxed);
-    const int64_t t0 = timed ? now_ns() : 0;
+    int64_t t0 = timed ? now_ns() : 0;
     k->pack(ints, elem, n * h, w * L.in_channels, act, lines, threads);
-    const int64_t t1 = timed ? now_ns() : 0;
-    k->im2col(Im2colArgs{layer, act, lines, n, h, w, oh, ow, rows, sums, xnor, rows_are_lines}, threads);
-    const int64_t t2 = timed ? now_ns() : 0;
-    k->gemm(GemmArgs{layer, act, rows, sums, m, xnor, scale, shift, residual, out_kind, levels, values, codes}, threads);
-    if (timed) {
-        const int64_t t3 = now_ns();
-        profile_ns[0] += t1 - t0;
-        profile_ns[1] += t2 - t1;
-        profile_ns[2] += t3 - t2;
+    if (timed) profile_ns[0] += now_ns() - t0;
+    const int64_t value_bytes = out_kind == DQ_OUT_FLOAT32 ? 4 : 8;
+    for (int64_t first = 0; first < out_lines; first += chunk_lines) {
+        const int64_t count = std::min(chunk_lines, out_lines - first), m0 = first * ow;
+        const int64_t at = m0 * L.out * value_bytes;  // byte offset of the chunk's first output row
+        if (timed) t0 = now_ns();
+        k->im2col(Im2colArgs{layer, act, lines, n, h, w, oh, ow, first, count, rows, sums + m0, xnor, rows_are_lines}, threads);
+        const int64_t t1 = timed ? now_ns() : 0;
+        k->gemm(GemmArgs{layer, act, rows_are_lines ? rows + m0 * row_words : rows, sums + m0, count * ow, xnor, scale, shift,
+                         residual ? (const char*)residual + at : nullptr, out_kind, levels, (char*)values + at,
+                         codes ? codes + m0 * L.out : nullptr},
+                threads);
+        if (timed) {
+            profile_ns[1] += t1 - t0;
+            profile_ns[2] += now_ns() - t1;
+        }
     }
     return 0;
 }

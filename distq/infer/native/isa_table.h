@@ -28,8 +28,9 @@ struct Im2colArgs {
     const dq_code* act;
     const uint64_t* lines;  // [n * h][act->planes][ceil(w * in_channels / 64)]
     int64_t n, h, w, oh, ow;
-    uint64_t* rows;  // [n * oh * ow][act->planes][layer->k_words]; unused when the rows are the lines
-    int64_t* rowsum;
+    int64_t first_line, line_count;  // the output lines (image, oy) to do, numbered over the batch
+    uint64_t* rows;                  // [line_count * ow][act->planes][layer->k_words]; unused when the rows are the lines
+    int64_t* rowsum;                 // [line_count * ow]
     bool xnor;
     bool rows_are_lines;  // one pixel per line (a linear), 1x1 kernel: nothing to copy, only the sums
 };
