@@ -126,7 +126,7 @@ class _BitLayer(nn.Module):
         self.fused_act_bits = 0
         """> 0: this layer's native output is the DoReFa activation of that many bits that
         follows it (``distq.infer.fusion``): values and integers, not the affine's floats."""
-        self.fused_code = PlaneCode("unsigned", 1)
+        self.fused_code: PlaneCode | None = None
         self.takes_residual = False
         """True: ``forward(x, residual)`` adds the residual to its output (``distq.infer.fusion``
         moved a following ``+`` into this layer)."""
