@@ -44,8 +44,9 @@ class IntegerModel(nn.Module):
         self.classes: list[str] = list(header["classes"])
         self.kernels = kernels
         """Which bit kernels run: 'native (avx512)', 'native (avx2)', 'native (portable)' or 'reference'."""
-        self.fused: list[tuple[str, str]] = list(fused)
-        """(conv, activation) pairs computed by one native call."""
+        self.fused: list[tuple[str, ...]] = list(fused)
+        """Module chains computed by one native call, (conv, activation) or (stem conv,
+        activation, max-pool): the last module's output is the call's."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

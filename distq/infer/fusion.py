@@ -4,8 +4,8 @@ writes the activation's integers and values directly, and its float output never
 Two patterns; in a ResNet:
 
     conv1 -> bn1 (folded) -> relu                       the conv quantizes its output
-                                                        (also the float stem conv)
     conv2 -> bn2 (folded) -> (+ identity) -> act_out    the conv adds the residual, then quantizes
+    stem conv (float) -> bn1 -> relu [-> maxpool]       the float conv's affine quantizes (and pools)
 
 Where that is safe is read from the network's dataflow, not assumed from its architecture:
 torch.fx traces the engine's network once (engine layers as leaves), and a pair is fused
@@ -14,8 +14,9 @@ are ``nn.Identity``, both modules are called at exactly one place, and the resid
 computed before the conv. The second pattern rewrites the graph (the ``+`` moves into the
 conv's call), so the engine then runs the traced ``GraphModule``, which holds the very same
 layer objects, calls no container modules and no folded batch-norms (``nn.Identity``): at
-batch 1 those calls cost more than the small layers' arithmetic. A network fx cannot trace
-is left as it is.
+batch 1 those calls cost more than the small layers' arithmetic. In a chain of three, the
+activation between conv and pool is not called either (its output would be the pool's).
+A network fx cannot trace is left as it is.
 
 The fused result is exactly the unfused one: the native epilogue rounds the affine to the
 engine's dtype, adds the residual in that dtype (IEEE addition commutes, so the operand
@@ -44,9 +45,10 @@ class _EngineTracer(fx.Tracer):
         return isinstance(m, ENGINE_LEAVES) or super().is_leaf_module(m, qualname)
 
 
-def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
-    """Fuse every safe (native conv, DoReFa IntAct) pair of ``net``; returns the network
-    to run (a GraphModule of it, or ``net`` itself where fx cannot trace it) and the fused pairs."""
+def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, ...]]]:
+    """Fuse every safe (native conv, DoReFa IntAct[, max-pool]) chain of ``net``; returns the
+    network to run (a GraphModule of it, or ``net`` itself where fx cannot trace it) and the
+    fused chains of module names, the last one being the module whose output the fused call gives."""
     try:
         graph = _EngineTracer().trace(net)
     except Exception:  # any construct fx cannot follow: no fusion, never a wrong one
@@ -73,7 +75,7 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, st
         native = module.native is not None if isinstance(module, BitConv2d) else module.native and module.conv
         return node if native else None
 
-    pairs = []
+    chains = []
     for act in list(graph.nodes):
         if not called_once(act, IntAct) or modules[act.target].method != "dorefa":
             continue
@@ -89,16 +91,30 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, st
                     graph.erase_node(source)
                     break
                 conv = None
-        if conv is not None:
-            modules[conv.target].fuse_activation(modules[act.target].bits)
-            modules[act.target].computed_by = conv.target
-            pairs.append((conv.target, act.target))
+        if conv is None:
+            continue
+        chain, bits, pool = (conv.target, act.target), modules[act.target].bits, None
+        after = next(iter(act.users)) if len(act.users) == 1 else None
+        if isinstance(modules[conv.target], FloatLayer) and called_once(after, CodedMaxPool2d) and modules[after.target].native:
+            pool = modules[after.target].native_geometry()
+            if pool is not None:  # the float stem: the full-size activation need not exist either
+                modules[after.target].computed_by = conv.target
+                chain += (after.target,)
+                # Not called at all: it would return the pooled activation under its own name.
+                act.replace_all_uses_with(act.args[0])
+                graph.erase_node(act)
+        if pool is not None:
+            modules[conv.target].fuse_activation(bits, pool)
+        else:
+            modules[conv.target].fuse_activation(bits)
+        modules[act.target].computed_by = conv.target
+        chains.append(chain)
     for node in list(graph.nodes):  # folded batch-norms: no call at all
         if called_once(node, nn.Identity):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     graph.lint()
-    return fx.GraphModule(net, graph, class_name=type(net).__name__), pairs
+    return fx.GraphModule(net, graph, class_name=type(net).__name__), chains
 
 
 def _is_add(node) -> bool:

@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from distq.export.codes import aqe_exponent, levels
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chunks, pack_weight
-from distq.infer.native.ops import NativeWeight, affine_to_channels_last, max_pool_codes, quantize_unit
+from distq.infer.native.ops import (
+    NativeWeight,
+    affine_quantize_pool,
+    affine_to_channels_last,
+    max_pool_codes,
+    quantize_unit,
+)
 from distq.quant.functional import aqe_hard
 
 MAX_AQE_BITS = 5
@@ -236,8 +242,10 @@ class CodedMaxPool2d(nn.MaxPool2d):
         super().__init__(*args, **kwargs)
         self.native = native
         self._value_tables: dict = {}
+        self.computed_by: str | None = None
+        """The float conv whose native output is already this pool's (``distq.infer.fusion``)."""
 
-    def _native_geometry(self):
+    def native_geometry(self):
         """(kernel, stride, padding) pairs where the native kernel applies, else None."""
         if self.dilation not in (1, (1, 1)) or self.ceil_mode:
             return None
@@ -247,7 +255,9 @@ class CodedMaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, CodedActivation):
             return super().forward(x)
-        geometry = self._native_geometry() if self.native else None
+        if self.computed_by is not None:
+            return x
+        geometry = self.native_geometry() if self.native else None
         if geometry is not None and x.code.kind == "unsigned" and x.ints.dtype == torch.uint8:
             key = (x.code.bits, x.dtype)
             if key not in self._value_tables:
@@ -280,14 +290,17 @@ class FloatLayer(nn.Module):
         self.native = native
         self.fused_act_bits = 0
         """> 0: the output is the DoReFa activation of that many bits that follows (``distq.infer.fusion``)."""
+        self.fused_pool: tuple | None = None
+        """(kernel, stride, padding) of a max pool after that activation, also fused."""
         self.weight, self.out_scale, self.out_shift = weight.to(dtype), out_scale.to(dtype), out_shift.to(dtype)
         self.conv = isinstance(original, nn.Conv2d)
         if self.conv:
             self.stride, self.padding = original.stride, original.padding
 
-    def fuse_activation(self, bits: int) -> None:
-        """From now on a conv's output is the DoReFa activation of ``bits`` that follows."""
-        self.fused_act_bits = bits
+    def fuse_activation(self, bits: int, pool: tuple | None = None) -> None:
+        """From now on a conv's output is the DoReFa activation of ``bits`` that follows, or
+        that activation max-pooled with ``pool`` = (kernel, stride, padding)."""
+        self.fused_act_bits, self.fused_pool = bits, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)
@@ -295,7 +308,10 @@ class FloatLayer(nn.Module):
             y = F.conv2d(x, self.weight, None, self.stride, self.padding)
             if self.native and self.fused_act_bits:
                 n = levels(self.fused_act_bits)
-                values, codes = affine_to_channels_last(y, self.out_scale, self.out_shift, n)
+                if self.fused_pool is not None:
+                    values, codes = affine_quantize_pool(y, self.out_scale, self.out_shift, n, *self.fused_pool)
+                else:
+                    values, codes = affine_to_channels_last(y, self.out_scale, self.out_shift, n)
                 return coded(values, codes, PlaneCode("unsigned", self.fused_act_bits), 1.0 / n)
             if self.native:
                 return affine_to_channels_last(y, self.out_scale, self.out_shift)

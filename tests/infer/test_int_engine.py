@@ -118,7 +118,11 @@ def test_imagenet_stem_max_pool_keeps_activations_integer(random_resnet, resnet_
     block's convs as integers."""
     model = random_resnet("dorefa", 2, 2, small_input=False)
     expected, got, ref_acts, eng_acts, engine = _run_both(model, resnet_header(64), torch.float64, n=2)
-    assert all(torch.equal(v, eng_acts[k]) for k, v in ref_acts.items())
+    # The native engine pools the stem's activation in the stem's own native call: that
+    # activation module is then not called (test_native_engine.py compares the pool's output).
+    fused_away = {name for chain in engine.fused for name in chain[1:-1]}
+    assert set(ref_acts) - set(eng_acts) == fused_away
+    assert all(torch.equal(v, eng_acts[k]) for k, v in ref_acts.items() if k not in fused_away)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert engine.layer_modes()["layer1.0.conv1"] == {"bit": 1, "float": 0}
 

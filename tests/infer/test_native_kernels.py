@@ -260,6 +260,22 @@ def test_float_affine_to_channels_last_rounds_like_torch(dtype):
     assert_equal_on_every_isa(lambda: ops.affine_to_channels_last(y, scale, shift, 7)[0], dorefa_values(codes, 3, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [5, 64, 70])
+def test_float_stem_affine_activation_and_pool_in_one_pass(dtype, channels):
+    """The affine, the DoReFa activation and the max-pool of a float conv's output, fused:
+    the pooled integers and values the three separate steps give."""
+    g = torch.Generator().manual_seed(channels)
+    y = torch.randn(2, channels, 23, 30, generator=g, dtype=dtype)
+    scale, shift = torch.rand(channels, generator=g, dtype=dtype), torch.rand(channels, generator=g, dtype=dtype) - 0.2
+    codes = torch.round(channel_affine(y, scale, shift, 1).clamp(0, 1) * 3).to(torch.uint8)
+    geometry = ((3, 3), (2, 2), (1, 1))
+    pooled = F.max_pool2d(codes.float(), *geometry).to(torch.uint8)
+    values = F.max_pool2d(dorefa_values(codes, 2, dtype), *geometry)
+    assert_equal_on_every_isa(lambda: ops.affine_quantize_pool(y, scale, shift, 3, *geometry)[1], pooled)
+    assert_equal_on_every_isa(lambda: ops.affine_quantize_pool(y, scale, shift, 3, *geometry)[0], values)
+
+
 def test_packing_matches_the_reference_planes():
     """64-bit native words are pairs of the reference's 32-bit words, for every code kind."""
     g = torch.Generator().manual_seed(8)

@@ -76,6 +76,13 @@ int dq_max_pool_codes(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t
 // then resets them and turns the timing (a clock read per part) on or off.
 void dq_profile(int32_t on, double* seconds);
 
+// The float stem in one pass: a float conv's NCHW output y -> its affine (as
+// dq_affine_to_channels_last), DoReFa activation of `levels` and max pool (as
+// dq_max_pool_codes), writing only the pooled integers and values, channels-last.
+int dq_affine_quantize_pool(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t h, int64_t w, const void* scale,
+                            const void* shift, int32_t levels, const int32_t* geometry, void* values, uint8_t* codes,
+                            int32_t threads);
+
 int dq_best_isa(void);                // the widest instruction set this CPU and build support
 int dq_set_isa(int32_t isa);          // 0 on success, -1 if not supported here
 int dq_current_isa(void);

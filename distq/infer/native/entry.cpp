@@ -65,6 +65,15 @@ T* scratch(std::unique_ptr<T[]>& buffer, int64_t& capacity, int64_t size) {
     return buffer.get();
 }
 
+// The output size of a max pool, or false where torch would refuse its geometry.
+bool pool_output(const int32_t* geometry, int64_t h, int64_t w, int64_t& oh, int64_t& ow) {
+    const int32_t kh = geometry[0], kw = geometry[1], sh = geometry[2], sw = geometry[3], ph = geometry[4], pw = geometry[5];
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || 2 * ph > kh || 2 * pw > kw) return false;
+    oh = (h + 2 * ph - kh) / sh + 1;
+    ow = (w + 2 * pw - kw) / sw + 1;
+    return oh > 0 && ow > 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -180,11 +189,18 @@ int dq_affine_to_channels_last(const void* y, int32_t is_double, int64_t n, int6
 
 int dq_max_pool_codes(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const int32_t* geometry,
                       const void* values, int32_t is_double, uint8_t* out, void* out_values, int32_t threads) {
-    const int32_t kh = geometry[0], kw = geometry[1], sh = geometry[2], sw = geometry[3], ph = geometry[4], pw = geometry[5];
-    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || 2 * ph > kh || 2 * pw > kw) return -1;
-    const int64_t oh = (h + 2 * ph - kh) / sh + 1, ow = (w + 2 * pw - kw) / sw + 1;
-    if (oh <= 0 || ow <= 0) return -1;
+    int64_t oh, ow;
+    if (!pool_output(geometry, h, w, oh, ow)) return -1;
     active()->max_pool_codes(x, n, h, w, c, geometry, oh, ow, values, is_double, out, out_values, threads);
+    return 0;
+}
+
+int dq_affine_quantize_pool(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t h, int64_t w, const void* scale,
+                            const void* shift, int32_t levels, const int32_t* geometry, void* values, uint8_t* codes,
+                            int32_t threads) {
+    int64_t oh, ow;
+    if (levels < 1 || levels > 255 || !pool_output(geometry, h, w, oh, ow)) return -1;
+    active()->affine_quantize_pool(y, is_double, n, c, h, w, scale, shift, levels, geometry, oh, ow, values, codes, threads);
     return 0;
 }
 

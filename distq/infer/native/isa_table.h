@@ -47,6 +47,9 @@ struct IsaKernels {
                                     const void* shift, int32_t levels, void* out, uint8_t* codes, int32_t threads);
     void (*max_pool_codes)(const uint8_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const int32_t* geometry, int64_t oh,
                            int64_t ow, const void* values, int32_t is_double, uint8_t* out, void* out_values, int32_t threads);
+    void (*affine_quantize_pool)(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t h, int64_t w,
+                                 const void* scale, const void* shift, int32_t levels, const int32_t* geometry, int64_t oh,
+                                 int64_t ow, void* values, uint8_t* codes, int32_t threads);
 };
 
 const IsaKernels* portable_kernels();

@@ -66,6 +66,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dq_quantize_unit": [p, i32, i64, i32, p, p, i32],
         "dq_affine_to_channels_last": [p, i32, i64, i64, i64, p, p, i32, p, p, i32],
         "dq_max_pool_codes": [p, i64, i64, i64, i64, p, p, i32, p, p, i32],
+        "dq_affine_quantize_pool": [p, i32, i64, i64, i64, i64, p, p, i32, p, p, p, i32],
         "dq_profile": [i32, p],
         "dq_best_isa": [],
         "dq_set_isa": [i32],

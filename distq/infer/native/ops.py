@@ -189,6 +189,36 @@ def affine_to_channels_last(y: torch.Tensor, scale: torch.Tensor, shift: torch.T
     return (out.permute(0, 3, 1, 2), codes.permute(0, 3, 1, 2)) if levels else out.permute(0, 3, 1, 2)
 
 
+def affine_quantize_pool(y: torch.Tensor, scale, shift, levels: int, kernel, stride, padding):
+    """A float conv's NCHW output -> its per-channel affine, DoReFa activation of ``levels``
+    and max pool in one pass, as ``affine_to_channels_last`` then ``max_pool_codes`` compute
+    them: (values, codes) of the pooled activation, channels-last. The full-size activation
+    is never written."""
+    n, c, h, w = y.shape
+    y, scale, shift = y.contiguous(), scale.to(y.dtype).expand(c).contiguous(), shift.to(y.dtype).expand(c).contiguous()
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    values = torch.empty(n, oh, ow, c, dtype=y.dtype)
+    codes = torch.empty(n, oh, ow, c, dtype=torch.uint8)
+    status = load().dq_affine_quantize_pool(
+        y.data_ptr(),
+        int(y.dtype == torch.float64),
+        n,
+        c,
+        h,
+        w,
+        scale.data_ptr(),
+        shift.data_ptr(),
+        levels,
+        (ctypes.c_int32 * 6)(kh, kw, sh, sw, ph, pw),
+        values.data_ptr(),
+        codes.data_ptr(),
+        _threads(),
+    )
+    _check(status, "affine + pool")
+    return values.permute(0, 3, 1, 2), codes.permute(0, 3, 1, 2)
+
+
 def max_pool_codes(ints: torch.Tensor, values: torch.Tensor, kernel, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
     """Max pooling of (N, C, H, W) uint8 codes, channels-last; ``values[code]`` (256 entries)
     is each code's value. Returns the pooled codes and their values, both channels-last."""
