@@ -74,9 +74,8 @@ def assert_same_layers(export, images, dtype):
             if ints is not None:
                 assert torch.equal(got_ints, ints), f"{kind} {name}: {(got_ints != ints).sum().item()} integers differ"
         assert torch.equal(logits[kind], logits["reference"])
-        modes = engines[kind].layer_modes()
-        assert all(m["bit"] == 1 for m in modes.values()), modes
-    return seen["reference"], engines["fused"].fused
+        assert engines[kind].layer_modes() == engines["reference"].layer_modes()  # the same path, bit or float, per layer
+    return seen["reference"], engines["fused"].fused, engines["reference"].layer_modes()
 
 
 CASES = [  # method, w_bits, a_bits
@@ -102,7 +101,8 @@ def test_every_layer_equals_the_reference_engine(random_resnet, resnet_header, m
     model = random_resnet(method, w_bits, a_bits, width=width)
     export, _ = export_model(model, resnet_header(width=width))
     images = torch.randn(3, 3, 27, 29, generator=torch.Generator().manual_seed(1))
-    seen, fused = assert_same_layers(export, images, torch.float32)
+    seen, fused, modes = assert_same_layers(export, images, torch.float32)
+    assert all(m == {"bit": 1, "float": 0} for m in modes.values())  # every quantized layer on bit operations
     acts = [ints for name, (_, ints) in seen.items() if ints is not None]
     assert len(acts) == 16 and all(a.unique().numel() > 1 for a in acts)  # no constant activation: the test proves something
     # Where the activations are DoReFa: the float stem conv with its activation, every block's
@@ -126,7 +126,7 @@ def test_imagenet_stem_and_integer_max_pool(random_resnet, resnet_header, batch)
     """Fused, the float stem conv's affine, activation and max-pool are one native pass."""
     export, _ = export_model(random_resnet("dorefa", 1, 1, width=5, small_input=False), resnet_header(61, width=5))
     images = torch.randn(batch, 3, 61, 61, generator=torch.Generator().manual_seed(3))
-    _, fused = assert_same_layers(export, images, torch.float32)
+    _, fused, _ = assert_same_layers(export, images, torch.float32)
     assert fused[0] == ("conv1", "relu", "maxpool")
 
 
