@@ -98,7 +98,7 @@ def _load_or_explain() -> ctypes.CDLL | None:
     except (BuildError, OSError) as exc:
         print(
             f"distq: note: native bit kernels unavailable ({exc}); the integer engine uses its torch reference "
-            "kernels, which are exact but 10-100x slower",
+            "kernels, which are exact but about 10-40x slower",
             file=sys.stderr,
             flush=True,
         )
