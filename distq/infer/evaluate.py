@@ -36,18 +36,9 @@ def val_transform(preprocess: dict) -> T.Compose:
     )
 
 
-def load_runner(path: str, engine: str = "int"):
-    """The model of an export file: the integer engine, or onnxruntime (``engine="onnx"``)."""
-    if engine == "onnx":
-        from distq.infer.onnx_runtime import OnnxModel
-
-        return OnnxModel(path)
-    return load_engine(path)
-
-
 def evaluate_export(path: str, data_root: str | None = None, engine_name: str = "int") -> dict:
     """Top-1/top-5 (percent) of the integer engine (or onnxruntime) on ``data_root``'s val
-    split (default: the dataset the model was trained on)."""
+    split (default: the dataset the model was trained on), and which kernels ran."""
     from distq.data import class_names, ensure_digits, image_folder
     from distq.train.metrics import topk_correct
 
@@ -72,6 +63,7 @@ def evaluate_export(path: str, data_root: str | None = None, engine_name: str = 
         raise DistqError(f"the validation split of {str(root)!r} is empty: put images in ROOT/val/<class>/")
     return {
         "engine": engine_name,
+        "kernels": getattr(engine, "kernels", "onnxruntime"),
         "val/top1": 100.0 * counts[0].item() / seen,
         "val/top5": 100.0 * counts[1].item() / seen,
         "images": seen,
