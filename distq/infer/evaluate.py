@@ -36,6 +36,15 @@ def val_transform(preprocess: dict) -> T.Compose:
     )
 
 
+def load_runner(path: str, engine: str = "int"):
+    """The model of an export file: the integer engine, or onnxruntime (``engine="onnx"``)."""
+    if engine == "onnx":
+        from distq.infer.onnx_runtime import OnnxModel
+
+        return OnnxModel(path)
+    return load_engine(path)
+
+
 def evaluate_export(path: str, data_root: str | None = None, engine_name: str = "int") -> dict:
     """Top-1/top-5 (percent) of the integer engine (or onnxruntime) on ``data_root``'s val
     split (default: the dataset the model was trained on), and which kernels ran."""
