@@ -90,8 +90,13 @@ class QuantConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     root: str | None = None
-    """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG);
-    null uses the embedded digits dataset."""
+    """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG), or with
+    data.format=shards a folder written by distq data pack; null uses the embedded digits dataset."""
+    format: Literal["folders", "shards"] = "folders"
+    """folders: image files in class folders (data.root as above); shards: webdataset tar shards with
+    DALI index files and index.json (distq data pack ROOT --out SHARDS), read by offset, each epoch
+    shard after shard in a random order from (seed, epoch): a cluster file system serves a few large
+    files instead of a million small ones."""
     loader: Literal["torchvision", "dali"] = "torchvision"
     """torchvision: ImageFolder + DataLoader; dali: NVIDIA DALI pipelines (GPU decoding when CUDA is present)."""
     image_size: int = 224
@@ -108,6 +113,8 @@ class DataConfig:
     """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops."""
 
     def __post_init__(self):
+        if self.format == "shards" and self.root is None:
+            raise ValueError("data.format=shards needs data.root: a folder written by 'distq data pack ROOT --out SHARDS'")
         _check_positive("data.image_size", self.image_size)
         _check_positive("data.batch_size", self.batch_size)
         if self.workers < 0:

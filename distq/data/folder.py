@@ -14,6 +14,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from distq.errors import DistqError
 
 SPLITS = ("train", "val")
+CLASS_NAMES = "class_names.json"
+"""``ROOT/class_names.json``: ``{class folder: readable name}`` (``distq data prepare`` writes
+ImageNet's, e.g. ``"n01440764": "tench, Tinca tinca"``); optional."""
 
 
 class DataError(DistqError):
