@@ -79,27 +79,41 @@ def _tar_components(path: Path) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
+def _member_bytes(size: int) -> int:
+    """A tar member's share of the archive: its header and its data padded to 512-byte blocks."""
+    return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _archive_bytes(members: int) -> int:
+    """A tar archive's size from its members' bytes: two end blocks, then padding to a whole record."""
+    return -(-(members + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class _ShardWriter:
-    """Writes one split's shards, starting a new one before a sample would take it past ``shard_bytes``."""
+    """Writes one split's shards, starting a new one when a sample would take it past ``shard_bytes``
+    (a shard holds at least one sample)."""
 
     def __init__(self, out: Path, split: str, shard_bytes: int):
         self.out, self.split, self.shard_bytes = out, split, shard_bytes
         self.shards: list[dict] = []
         self.file = self.tar = None
+        self.members = 0  # bytes of the open shard's members so far
 
     def write(self, key: str, label_text: str, image: bytes) -> None:
         import webdataset as wds
 
-        size = len(image) + len(label_text) + 3 * 512  # two headers and padding
-        if self.tar is not None and self.file.size + size > self.shard_bytes:
+        size = _member_bytes(len(label_text)) + _member_bytes(len(image))
+        if self.tar is not None and _archive_bytes(self.members + size) > self.shard_bytes:
             self.finish()
         if self.tar is None:
             name = f"{self.split}-{len(self.shards):06d}"
             self.file = _HashingFile(self.out / f"{name}.tar")
             self.tar = wds.TarWriter(self.file, mtime=MEMBER_TIME, encoder=False)
             self.shards.append({"tar": f"{name}.tar", "index": f"{name}.idx", "samples": 0})
+            self.members = 0
         self.tar.write({"__key__": key, LABEL: label_text.encode(), IMAGE: image})
         self.shards[-1]["samples"] += 1
+        self.members += size
 
     def finish(self) -> None:
         if self.tar is None:
