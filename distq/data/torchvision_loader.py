@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from distq.config.schema import DataConfig
 from distq.data.bundle import DataBundle, check_layout_fits, dataset_classes, resolve_root, sample_seed
 from distq.data.folder import image_folder
-from distq.data.shards import ShardsFolder
 from distq.data.order import BatchLayout, EpochOrder
+from distq.data.shards import ShardsFolder
 from distq.data.transforms import train_transform, val_transform
 
 
