@@ -34,6 +34,8 @@ class IntegerModel(nn.Module):
         super().__init__()
         self.net, self.header, self.dtype = net, header, dtype
         self.classes: list[str] = list(header["classes"])
+        self.class_names: dict[str, str] = dict(zip(self.classes, header.get("class_names") or []))
+        """Readable names of the classes that have one (ImageNet: wnid -> "tench, Tinca tinca")."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
