@@ -47,9 +47,10 @@ def add_commands(sub) -> None:
     verify = commands.add_parser(
         "verify",
         help="report image counts, undecodable files, one-split classes and odd files (CMYK, grayscale, PNG as .JPEG)",
-        description="Decode every image of ROOT/{train,val}/<class>/ and report in one place; exit status 1 when something is left to fix.",
+        description="Decode every image of ROOT/{train,val}/<class>/ and report in one place; of a shards folder (SHARDS/index.json), "
+        "check it against its index and every shard's checksum. Exit status 1 when something is left to fix.",
     )
-    verify.add_argument("root", metavar="ROOT", help="an ImageNet-layout folder")
+    verify.add_argument("root", metavar="ROOT", help="an ImageNet-layout folder, or a shards folder written by distq data pack")
     verify.add_argument("--fix", action="store_true", help="re-encode CMYK, grayscale and non-JPEG files as RGB JPEGs, in place")
     verify.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: all cores)")
     verify.set_defaults(func=_verify)
@@ -82,9 +83,16 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from distq.data.verify import verify
+    from distq.data.shards import is_shards_folder
+    from distq.data.verify import verify, verify_shards
+    from distq.errors import DistqError
 
-    report = verify(args.root, fix=args.fix, workers=args.workers)
+    if is_shards_folder(args.root):
+        if args.fix:
+            raise DistqError(f"--fix re-encodes image files of a folder, not shards: fix the folder {args.root} was packed from, then pack it again")
+        report = verify_shards(args.root)
+    else:
+        report = verify(args.root, fix=args.fix, workers=args.workers)
     _print(report.lines())
     return 0 if report.clean else 1
 

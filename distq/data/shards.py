@@ -140,17 +140,17 @@ class ShardSplit:
             self._files[shard] = os.open(self.shards[shard].tar, os.O_RDONLY)
         return self._files[shard]
 
-    def read(self, index: int) -> tuple[bytes, int]:
-        """Sample ``index``'s image bytes and label."""
-        fd = self._fd(int(self.shard_of[index]))
-        text = os.pread(fd, self.label_digits, int(self.label_offset[index]))
-        image = os.pread(fd, int(self.image_size[index]), int(self.image_offset[index]))
-        try:
-            label = int(text)
-        except ValueError:
-            label = -1
+    def read_label(self, index: int) -> int:
+        text = os.pread(self._fd(int(self.shard_of[index])), self.label_digits, int(self.label_offset[index]))
+        label = int(text) if text.isdigit() else -1
         if not 0 <= label < self.num_classes:
             raise DataError(f"{self.describe(index)} has label {text!r}, not a class index 0..{self.num_classes - 1}: {REPACK}")
+        return label
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        """Sample ``index``'s image bytes and label."""
+        label = self.read_label(index)
+        image = os.pread(self._fd(int(self.shard_of[index])), int(self.image_size[index]), int(self.image_offset[index]))
         return image, label
 
     def decode(self, index: int):

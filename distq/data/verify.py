@@ -178,3 +178,58 @@ def verify(root: str | Path, fix: bool = False, workers: int | None = None, prog
                 fix_file(Path(path))
                 report.fixed.append(path)
     return report
+
+
+@dataclass
+class ShardsReport:
+    """``distq data verify SHARDS``: the folder opens (sizes, index files, labels: ``ShardsFolder``),
+    every shard's SHA-256 matches index.json, and the images per split and class."""
+
+    root: Path
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    shards: int = 0
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.mismatched
+
+    def lines(self, max_listed: int = 20) -> list[str]:
+        lines = [f"verify {self.root} (shards)"]
+        for split, per_class in self.counts.items():
+            sizes = sorted(per_class.values())
+            lines.append(f"{split}: {sum(sizes)} images in {len(sizes)} classes, {sizes[0]}..{sizes[-1]} per class")
+            lines += [f"  {cls}: {n}" for cls, n in sorted(per_class.items())] if len(per_class) <= max_listed else []
+        lines += [f"checksum differs from index.json: {path}" for path in self.mismatched]
+        lines.append(f"{self.shards} shards, checksums match index.json" if self.clean else f"{len(self.mismatched)} of {self.shards} shards are damaged: restore them or re-run distq data pack")
+        return lines
+
+
+def verify_shards(root: str | Path, progress: bool = True) -> ShardsReport:
+    import hashlib
+
+    import numpy as np
+
+    from distq.data.shards import ShardsFolder
+
+    folder = ShardsFolder.open(root)
+    report = ShardsReport(Path(root))
+    splits = {name: folder.split(name) for name in folder.splits}
+    total = sum(s.bytes for split in splits.values() for s in split.shards)
+    with Progress(max(1, total >> 20), f"verify {report.root.name}", every=max(1, total >> 24), unit="MiB", enabled=progress) as bar:
+        for name, split in splits.items():
+            labels = np.zeros(len(split), dtype=np.int64)
+            for shard_number, shard in enumerate(split.shards):
+                digest = hashlib.sha256()
+                with open(shard.tar, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                        bar.update(len(chunk) >> 20)
+                if digest.hexdigest() != shard.sha256:
+                    report.mismatched.append(str(shard.tar))
+                    continue
+                first = int(split.starts[shard_number])
+                labels[first : first + shard.samples] = [split.read_label(i) for i in range(first, first + shard.samples)]
+            report.shards += len(split.shards)
+            report.counts[name] = {folder.classes[c]: int(n) for c, n in enumerate(np.bincount(labels, minlength=len(folder.classes))) if n}
+    return report

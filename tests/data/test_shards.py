@@ -324,3 +324,24 @@ def test_shards_format_needs_a_root():
         load_config(None, ["data.format=shards"])
     with pytest.raises(ConfigError, match="data.format='tar' is not allowed: use one of 'folders', 'shards'"):
         load_config(None, ["data.format=tar"])
+
+
+def test_verify_checks_a_shards_folder_and_its_checksums(shards_copy, digits_root, capsys):
+    assert main(["data", "verify", str(shards_copy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"verify {shards_copy} (shards)"
+    for split in ("train", "val"):  # the counts of the folders packed
+        counts = {c.name: len(list(c.iterdir())) for c in sorted((digits_root / split).iterdir())}
+        at = lines.index(f"{split}: {sum(counts.values())} images in 10 classes, {min(counts.values())}..{max(counts.values())} per class")
+        assert lines[at + 1 : at + 11] == [f"  {name}: {n}" for name, n in counts.items()]
+    index = json.loads((shards_copy / INDEX).read_text())
+    shards = sum(len(entry["shards"]) for entry in index["splits"].values())
+    assert lines[-1] == f"{shards} shards, checksums match index.json"
+    shard = shards_copy / first_train_shard(shards_copy)["tar"]
+    data = bytearray(shard.read_bytes())
+    data[-3000] ^= 0xFF  # same size, other bytes: only the checksum sees it
+    shard.write_bytes(bytes(data))
+    assert main(["data", "verify", str(shards_copy)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"checksum differs from index.json: {shard}" in lines
+    assert lines[-1] == f"1 of {shards} shards are damaged: restore them or re-run distq data pack"
