@@ -6,7 +6,9 @@ available, CPU operators (``device_id=None``) otherwise.
 
 Files and labels come from torchvision's ``ImageFolder`` over the same folders, so both paths
 read the same files with the same class indices (sorted class folders) and report the same
-``DataError`` for a bad folder.
+``DataError`` for a bad folder. With ``data.format=shards`` the reader is DALI's webdataset reader
+(``read_webdataset``), given for each epoch index files that list this rank's samples of each
+shard in the epoch's order (``ShardSplit.dali_index_files``): it seeks to exactly those samples.
 
 Determinism. DALI seeds its random operators once per pipeline, not per sample, so its own
 random crops would differ after a resume. Here nothing random is drawn inside DALI: the
