@@ -345,3 +345,16 @@ def test_verify_checks_a_shards_folder_and_its_checksums(shards_copy, digits_roo
     lines = capsys.readouterr().out.splitlines()
     assert f"checksum differs from index.json: {shard}" in lines
     assert lines[-1] == f"1 of {shards} shards are damaged: restore them or re-run distq data pack"
+
+
+def test_batches_do_not_depend_on_the_worker_count(digits_shards):
+    batches = [epoch(build_loaders(shards_cfg(digits_shards, "torchvision", workers=workers), seed=3), 0)[:3] for workers in (0, 2)]
+    for (x, y, i), (x2, y2, i2) in zip(*batches):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2)
+
+
+def test_plan_counts_the_training_images_from_index_json(digits_shards):
+    from distq.plan import plan_lines
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "digits_w4a4.yaml", ["data.format=shards", f"data.root={digits_shards}"])
+    assert f"({DIGITS_TRAIN} train images from index.json" in "\n".join(plan_lines(cfg))

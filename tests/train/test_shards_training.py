@@ -107,6 +107,9 @@ def test_export_and_predict_name_the_classes_of_a_prepared_dataset(tmp_path, mak
     run_dir = tmp_path / "run"
     done = run_distq(*tiny_args(run_dir, "data.format=shards", f"data.root={shards}", "data.batch_size=16", "train.epochs=1", "train.warmup_epochs=0"))
     assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0  # evaluates on the shards' val split
+    assert json.loads(capsys.readouterr().out)["val/top1"] == json.loads((run_dir / "results.json").read_text())["val/top1"]
     assert main(["export", str(run_dir), "--out", str(tmp_path / "model.safetensors")]) == 0
     from distq.export.format import read_export
 
