@@ -173,6 +173,17 @@ class ShardSplit:
     def __getstate__(self):  # DataLoader workers open their own files
         return {**self.__dict__, "_files": {}, "_decoder": None}
 
+    def close(self) -> None:
+        """Close this process's shard files (they reopen on the next read)."""
+        if self._pid == os.getpid():
+            for fd in self._files.values():
+                os.close(fd)
+        self._files = {}
+
+    def __del__(self):
+        if hasattr(self, "_files"):
+            self.close()
+
     # --- DALI --------------------------------------------------------------------------------
 
     def dali_index_files(self, order: list[int], folder: Path) -> tuple[list[str], list[str]]:
