@@ -204,10 +204,10 @@ class DistConfig:
 @dataclass(kw_only=True)
 class LogConfig:
     every_steps: int = 50
-    """Write train/loss and lr to TensorBoard every this many steps."""
+    """Write train/loss and lr to TensorBoard every this many steps (and, without a terminal, a progress line)."""
     tensorboard: bool = True
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal; otherwise (a log file, SLURM) one plain line every log.every_steps steps."""
     samples: bool = False
     """Debugging: log the index of every training sample each rank uses, per step, to RUN_DIR/samples/
     (shows that resumes and changes of the process count use each sample once per epoch)."""
