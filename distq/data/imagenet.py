@@ -11,7 +11,7 @@ are looked up next to the val folder and above it when not given)::
 
     distq data prepare --train ILSVRC/Data/CLS-LOC/train --val ILSVRC/Data/CLS-LOC/val --out ROOT
 
-It also writes ``ROOT/class_names.json`` (wnid -> "tench, Tinca tinca"), which ``distq pack``,
+It also writes ``ROOT/class_names.json`` (wnid -> "tench, Tinca tinca"), which ``distq data pack``,
 ``distq export`` and ``distq predict`` use, and runs ``distq data verify`` at the end.
 
 The devkit and the val archive are parsed by torchvision's ``datasets.imagenet`` helpers
