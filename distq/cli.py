@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=_eval)
 
+    from distq.data.cli import add_commands as add_data_commands
     from distq.export.cli import add_commands
 
     add_commands(sub)
+    add_data_commands(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the digits cache, tiny ImageNet-layout folders, and the ``distq`` CLI.
+"""Shared fixtures: the digits cache (as folders and as shards), tiny ImageNet-layout folders, and the ``distq`` CLI.
 
 Test files have unique basenames and no ``__init__.py``, so pytest's default import mode
 never confuses two of them.
@@ -57,6 +57,20 @@ def digits_root(distq_cache) -> Path:
     from distq.data.digits import ensure_digits
 
     return ensure_digits(distq_cache)
+
+
+DIGITS_SHARD_BYTES = 150_000
+"""Shards of about 150 KB: the digits (1442 train images, ~2.5 KB each in a tar) in 30 train shards of ~48."""
+
+
+@pytest.fixture(scope="session")
+def digits_shards(digits_root, tmp_path_factory) -> Path:
+    """The digits packed by ``distq data pack`` into small shards (``DIGITS_SHARD_BYTES``), once per session."""
+    from distq.data.pack import pack
+
+    out = tmp_path_factory.mktemp("digits-shards") / "shards"
+    pack(digits_root, out, shard_bytes=DIGITS_SHARD_BYTES, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -94,8 +94,13 @@ class QuantConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     root: str | None = None
-    """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG);
-    null uses the embedded digits dataset."""
+    """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG), or with
+    data.format=shards a folder written by distq data pack; null uses the embedded digits dataset."""
+    format: Literal["folders", "shards"] = "folders"
+    """folders: image files in class folders (data.root as above); shards: webdataset tar shards with
+    DALI index files and index.json (distq data pack ROOT --out SHARDS), read by offset, each epoch
+    shard after shard in a random order from (seed, epoch): a cluster file system serves a few large
+    files instead of a million small ones."""
     loader: Literal["torchvision", "dali"] = "torchvision"
     """torchvision: ImageFolder + DataLoader; dali: NVIDIA DALI pipelines (GPU decoding when CUDA is present)."""
     image_size: int = 224
@@ -112,6 +117,8 @@ class DataConfig:
     """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops."""
 
     def __post_init__(self):
+        if self.format == "shards" and self.root is None:
+            raise ValueError("data.format=shards needs data.root: a folder written by 'distq data pack ROOT --out SHARDS'")
         _check_positive("data.image_size", self.image_size)
         _check_positive("data.batch_size", self.batch_size)
         if self.workers < 0:
@@ -206,10 +213,10 @@ class DistConfig:
 @dataclass(kw_only=True)
 class LogConfig:
     every_steps: int = 50
-    """Write train/loss and lr to TensorBoard every this many steps."""
+    """Write train/loss and lr to TensorBoard every this many steps (and, without a terminal, a progress line)."""
     tensorboard: bool = True
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal; otherwise (a log file, SLURM) one plain line every log.every_steps steps."""
     samples: bool = False
     """Debugging: log the index of every training sample each rank uses, per step, to RUN_DIR/samples/
     (shows that resumes and changes of the process count use each sample once per epoch)."""

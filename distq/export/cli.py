@@ -71,14 +71,18 @@ def _predict(args: argparse.Namespace) -> int:
     from distq.infer.evaluate import load_runner, predict
     from distq.infer.onnx_runtime import is_onnx_file
 
-    results = predict(load_runner(args.export_file, "onnx" if is_onnx_file(args.export_file) else "int"), args.images)
+    runner = load_runner(args.export_file, "onnx" if is_onnx_file(args.export_file) else "int")
+    names = runner.class_names
+    results = predict(runner, args.images)
     for path, top in zip(args.images, results):
         if args.json:
-            print(json.dumps({"image": path, "top5": [{"class": c, "probability": p} for c, p in top]}))
+            top5 = [{"class": c, **({"name": names[c]} if names.get(c) else {}), "probability": p} for c, p in top]
+            print(json.dumps({"image": path, "top5": top5}))
             continue
         print(path)
         for rank, (name, prob) in enumerate(top, 1):
-            print(f"  {rank}. {name:<24} {prob:.4f}")
+            label = f"{name} {names[name]}" if names.get(name) else name
+            print(f"  {rank}. {label:<24} {prob:.4f}")
     return 0
 
 

@@ -124,9 +124,18 @@ def checkpoint_model(path: str | Path, model_name: str | None = None) -> tuple[n
         "quant": dataclasses.asdict(cfg.quant),
         "preprocess": _preprocess(cfg.data),
         "classes": classes,
+        **_readable_names(cfg.data.root, classes),
         "source": {"checkpoint": str(path), "model": name, "epoch": state.get("epoch"), "data_root": cfg.data.root},
     }
     return model, header
+
+
+def _readable_names(data_root: str | None, classes: list[str]) -> dict:
+    """``{"class_names": [...]}`` when the training data root (still) has a class-name table."""
+    from distq.data.bundle import class_name_table
+
+    table = class_name_table(data_root) if data_root and Path(data_root).is_dir() else None
+    return {"class_names": [table.get(c, "") for c in classes]} if table else {}
 
 
 def _pick_model(models: dict, name: str | None, path) -> str:

@@ -14,7 +14,9 @@ The distq header says everything needed to run the model without its training co
     model       the model config (arch, width, small_input, num_classes)
     quant       the quantizer config the model was trained with (for the record)
     preprocess  image_size, val_crop_ratio, mean, std of the validation transform
-    classes     class names, in logit order
+    classes     class names (the dataset's class folders, e.g. ImageNet wnids), in logit order
+    class_names optional: readable names in logit order ("tench, Tinca tinca"), from the
+                dataset's table (ROOT/class_names.json or a shards folder's index.json)
     layers      {module name: record} in module order (see distq.export.exporter)
     source      checkpoint path, model name, epoch and training data root (for the record,
                 and the default dataset of ``distq eval --engine int``)

@@ -69,6 +69,7 @@ def model_to_onnx(model, header: dict, fmt: str = "onnx", fold_bn: bool = True):
     metadata = {
         "preprocess": {**preprocess, "resize": _resize(preprocess)},
         "classes": header["classes"],
+        **({"class_names": header["class_names"]} if header.get("class_names") else {}),
         "distq": {
             "format": fmt,
             "opset": OPSET,

@@ -47,6 +47,8 @@ class IntegerModel(nn.Module):
         self.fused: list[tuple[str, ...]] = list(fused)
         """Module chains computed by one native call, (conv, activation) or (stem conv,
         activation, max-pool): the last module's output is the call's."""
+        self.class_names: dict[str, str] = dict(zip(self.classes, header.get("class_names") or []))
+        """Readable names of the classes that have one (ImageNet: wnid -> "tench, Tinca tinca")."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

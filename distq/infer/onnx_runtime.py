@@ -49,6 +49,8 @@ class OnnxModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.header = self._header(meta, what)
         self.classes: list[str] = list(self.header["classes"])
+        self.class_names: dict[str, str] = dict(zip(self.classes, json.loads(meta.get("class_names", "[]"))))
+        """Readable names of the classes that have one (ImageNet: wnid -> "tench, Tinca tinca")."""
         self.input = self.session.get_inputs()[0].name
 
     @staticmethod
