@@ -13,12 +13,15 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch/torchvision are pinned to the releases this project is tested with; the CUDA
-# build runs on CPU-only machines too.
+# build runs on CPU-only machines too. The last step compiles the integer engine's native
+# bit kernels (a few seconds; without a C++ compiler it says so and the engine keeps its
+# torch kernels).
 $(STAMP): pyproject.toml requirements/torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements/torch.txt
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,deploy]'
+	$(BIN)/python -m distq.infer.native
 	touch $@
 
 train: install
@@ -36,4 +39,4 @@ lint: install
 	PYTHONPATH=. $(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache distq/infer/native/_compiled

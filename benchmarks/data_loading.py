@@ -99,7 +99,7 @@ def throughput(cfg: DataConfig, epochs: int) -> dict[str, float]:
 
     def epoch(number: int) -> None:
         bundle.start_epoch(0, number)
-        for images, _ in bundle.train:  # workers exit at the end of the epoch, so their CPU time counts
+        for images, *_ in bundle.train:  # workers exit at the end of the epoch, so their CPU time counts
             assert images.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
 
     start = time.perf_counter()

@@ -3,12 +3,14 @@
 #
 #     bash benchmarks/gpu_all.sh
 #
-# 1. ResNet-50 training throughput, synthetic batch (benchmarks/gpu_throughput.py);
+# 1. ResNet-50 training throughput, synthetic batch (benchmarks/gpu_throughput.py): FP, W4A4,
+#    W2A2, W1A1 and guided with the fused Triton quantizers, eager and compiled (train.compile);
 # 2. JPEGS generated photo-like JPEGs (written once under the distq cache);
 # 3. a short ResNet-50 W4A4 guided run through DeepSpeed + NCCL, bf16 autocast (distq train,
 #    2 epochs over the JPEGs): its epoch lines and results.json give images/s and peak memory;
 # 4. the throughput benchmark again, fed by the torchvision loader over those JPEGs;
-# 5. the GPU tests (pytest -m gpu).
+# 5. the GPU tests (pytest -m gpu), and the standalone reproduction of the compiled activation
+#    quantizer's zero gradient (tests/gpu/compiled_act_quant_repro.py: which pattern fails).
 # Each step has a time limit; a failed step is reported and the next one runs. The two
 # throughput runs replace their sections of REPORT (default BENCHMARKS.md); logs go to LOG.
 # Environment: NGPUS (default: every visible GPU), JPEGS (5000), WORKERS (loader processes,
@@ -41,15 +43,17 @@ if [ "$NGPUS" -lt 1 ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
 
-step throughput_synthetic 240 $PY benchmarks/gpu_throughput.py --report="$REPORT"
+step throughput_synthetic 300 $PY benchmarks/gpu_throughput.py --report="$REPORT"
+step throughput_compiled 420 $PY benchmarks/gpu_throughput.py --compile --no-report
 step jpegs 180 $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from data_loading import ensure_dataset; print(ensure_dataset($JPEGS))"
 ROOT=$(tail -n 1 "$LOG/jpegs.log")
 step guided_run 300 $PY -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" -m distq train \
     configs/imagenet_resnet50_w4a4_guided.yaml dist.engine=deepspeed data.loader=torchvision "data.root=$ROOT" \
     "data.workers=$WORKERS" train.epochs=2 "train.milestones=[1]" log.progress=false "run.dir=$RUN_DIR"
 cp "$RUN_DIR/results.json" "$LOG/guided_results.json" 2>/dev/null
-step throughput_loader 240 $PY benchmarks/gpu_throughput.py --jpegs "$JPEGS" --workers "$WORKERS" --report="$REPORT"
-step gpu_tests 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests/quant/test_quant_reference.py tests/gpu
+step throughput_loader 240 $PY benchmarks/gpu_throughput.py --variants FP,W4A4 --jpegs "$JPEGS" --workers "$WORKERS" --report="$REPORT"
+step gpu_tests 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests/quant/test_quant_reference.py tests/quant/test_triton_kernels.py tests/gpu
+step compiled_repro 120 $PY tests/gpu/compiled_act_quant_repro.py
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu_all.sh: failed: ${failed[*]} (logs in $LOG)" >&2

@@ -1,6 +1,6 @@
-"""ResNet-50 training throughput on a GPU: full precision, W4A4 and guided, bf16, channels-last.
+"""ResNet-50 training throughput on a GPU: full precision, W4A4, W2A2, W1A1 and guided, bf16, channels-last.
 
-    python benchmarks/gpu_throughput.py [--batch 128] [--steps 20] [--rounds 3]
+    python benchmarks/gpu_throughput.py [--batch 128] [--steps 20] [--rounds 3] [--compile] [--kernels auto]
                                         [--data ROOT | --jpegs 5000] [--workers 8]
 
 Needs a CUDA GPU: without one it says so and exits with status 2, measuring nothing.
@@ -10,17 +10,24 @@ Every variant trains through distq's own step (``Trainer.train_step`` on a one-p
 team's parameter groups), exactly as ``distq train`` trains:
 
 - ``FP``: the network at 32 bits (``quantize_model`` at full precision, as a guide is built);
-- ``W4A4``: quantized weights and activations (first conv, last linear, final activation full precision);
-- ``guided``: the full-precision guide with W4A4 and W2A2 students and the mutual-distillation
-  objective (images/s counts each image once, although three networks train on it).
+- ``W4A4``, ``W2A2``, ``W1A1``: quantized weights and activations (first conv, last linear, final
+  activation full precision), with the quantizer kernels of ``--kernels`` (``quant.kernels``;
+  auto: the fused Triton kernels on CUDA);
+- ``guided``: the full-precision guide with a W4A4 student and the mutual-distillation objective
+  (images/s counts each image once, although two networks train on it); its target is 0.90x of
+  its two members trained alone one after the other, 1 / (1/FP + 1/W4A4), reported beside it;
+- ``guided2``: the guide with W4A4 and W2A2 students.
+
+``--compile`` compiles every model as ``train.compile`` does (``distq.train.compiling``: CUDA graphs
+on this one-process path).
 
 Data: by default one fixed synthetic batch already on the GPU (the model's speed alone).
 ``--data ROOT`` (an ImageNet-layout folder) or ``--jpegs N`` (N generated photo-like JPEGs,
 written once under the distq cache by ``benchmarks/data_loading.py``) feed the torchvision
 training loader instead (224 px RandomResizedCrop + flip, ``--workers`` processes), so the
 figure includes decoding. The variants run round-robin (``--steps`` timed steps each per
-round, after warm-up); images/s is the median over rounds. No torch.compile: on CUDA it
-zeroed the activation quantizer's gradients (BENCHMARKS.md, "GPU: where W4A4 loses time"). Replaces
+round, after warm-up); images/s is the median over rounds; peak GPU memory is measured per
+variant over its warm-up. Replaces
 this benchmark's section of BENCHMARKS.md unless ``--no-report``; ``--allow-cpu`` runs the
 same code on the CPU as a smoke test and never writes the report.
 """
@@ -43,6 +50,7 @@ from distq.data.order import BatchLayout
 from distq.distributed.engine import TeamModule, TorchEngine
 from distq.distributed.env import DistEnv
 from distq.models.team import build_team
+from distq.train.compiling import compile_models
 from distq.train.optim import build_optimizer, param_groups
 from distq.train.team import build_objective
 from distq.train.trainer import Trainer
@@ -58,23 +66,30 @@ NO_GPU = (
 VARIANTS = {
     "FP": {"quant": {"w_bits": 32, "a_bits": 32}},
     "W4A4": {"quant": {"w_bits": 4, "a_bits": 4}},
-    "guided": {"guided": {"students": [{"w_bits": 4, "a_bits": 4}, {"w_bits": 2, "a_bits": 2}]}},
+    "W2A2": {"quant": {"w_bits": 2, "a_bits": 2}},
+    "W1A1": {"quant": {"w_bits": 1, "a_bits": 1}},
+    "guided": {"guided": {"students": [{"w_bits": 4, "a_bits": 4}]}},
+    "guided2": {"guided": {"students": [{"w_bits": 4, "a_bits": 4}, {"w_bits": 2, "a_bits": 2}]}},
 }
 
 
-def make_step(variant: str, arch: str):
+def make_step(variant: str, arch: str, kernels: str = "auto", compile_models_too: bool = False):
     """distq's train_step for one variant; returns it and the engine's device."""
+    quant = {**VARIANTS[variant].get("quant", {}), "kernels": kernels}
     cfg = config_from_dict(
         {
             "model": {"arch": arch},
             "train": {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
             "dist": {"engine": "torch", "bf16": True},
             **VARIANTS[variant],
+            "quant": quant,
         }
     )
     torch.manual_seed(0)
     team = build_team(cfg, 1000)
     models = nn.ModuleDict({m.name: m.model for m in team})
+    if compile_models_too:
+        compile_models(models, torch.device("cuda" if torch.cuda.is_available() else "cpu"), one_process=True)
     groups = [g for m in team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
     engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv(), BatchLayout(cfg.data.batch_size))
     engine.team.train()
@@ -101,8 +116,8 @@ def batches(args, device: torch.device):
     bundle = build_loaders(DataConfig(root=str(root), loader="torchvision", image_size=args.size, batch_size=args.batch, workers=args.workers), seed=0)
     epoch = 0
     while True:
-        bundle.start_epoch(0, epoch)
-        for images, labels in bundle.train:
+        bundle.start_epoch(epoch)
+        for images, labels, _ in bundle.train:
             yield images, labels  # train_step moves them (channels-last on CUDA)
         epoch += 1
 
@@ -115,7 +130,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first (cuDNN autotuning)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default="FP,W4A4,guided")
+    parser.add_argument("--variants", default="FP,W4A4,W2A2,W1A1,guided")
+    parser.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto", help="quant.kernels of the quantized variants")
+    parser.add_argument("--compile", action="store_true", help="compile every model as train.compile does")
     parser.add_argument("--data", type=Path, default=None, help="ImageNet-layout folder for the torchvision loader")
     parser.add_argument("--jpegs", type=int, default=None, help="generate this many JPEGs and load them with torchvision")
     parser.add_argument("--workers", type=int, default=8, help="loader worker processes (with --data/--jpegs)")
@@ -133,16 +150,19 @@ def main() -> None:
     names = args.variants.split(",")
     steps = {}
     for name in names:
-        steps[name], device = make_step(name, args.arch)
+        steps[name], device = make_step(name, args.arch, args.kernels, args.compile)
     data = batches(args, device)
-    warmup_s = {}
+    warmup_s, peak_gib = {}, {}
     for name, step in steps.items():
         sync()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(args.warmup):
             step(*next(data))
         sync()
         warmup_s[name] = time.perf_counter() - start
+        peak_gib[name] = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
     rates = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -157,6 +177,9 @@ def main() -> None:
         print(f"{name:8s} {images_s[name]:9.1f} images/s  (warm-up {warmup_s[name]:.1f} s)", flush=True)
     if "FP" in images_s:
         print("relative to FP:", ", ".join(f"{n} {images_s[n] / images_s['FP']:.2f}x" for n in names))
+    members = 1 / (1 / images_s["FP"] + 1 / images_s["W4A4"]) if {"FP", "W4A4"} <= images_s.keys() else None
+    if members and "guided" in images_s:
+        print(f"guided vs its members trained alone (1 / (1/FP + 1/W4A4) = {members:.1f} images/s): {images_s['guided'] / members:.2f}x")
     if args.no_report or not on_gpu:
         return
 
@@ -169,17 +192,21 @@ def main() -> None:
     lines = [
         *context_lines(command.strip(), None, load_before),
         f"- What: {args.arch}, batch {args.batch} at {args.size} px, bf16 autocast, channels-last, distq's train_step "
-        f"(SGD); data: {source}; {args.warmup} warm-up steps, then {args.rounds} interleaved rounds of {args.steps} steps; "
-        f"median images/s. CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-        f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (all variants' models held at once).",
+        f"(SGD); quantizer kernels {args.kernels}{', compiled (train.compile)' if args.compile else ''}; data: {source}; "
+        f"{args.warmup} warm-up steps, then {args.rounds} interleaved rounds of {args.steps} steps; "
+        f"median images/s. CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; peak GPU memory per variant "
+        "over its warm-up (every variant's model stays allocated, so later rows include the earlier models' weights).",
         "",
-        "| variant | images/s | vs FP | warm-up (s) |",
-        "|---|---:|---:|---:|",
+        "| variant | images/s | vs FP | peak GiB | warm-up (s) |",
+        "|---|---:|---:|---:|---:|",
         *(
-            f"| {n} | {images_s[n]:.1f} | {images_s[n] / images_s['FP']:.2f}x | {warmup_s[n]:.1f} |" if "FP" in images_s else f"| {n} | {images_s[n]:.1f} | | {warmup_s[n]:.1f} |"
+            f"| {n} | {images_s[n]:.1f} | {images_s[n] / images_s['FP']:.2f}x | {peak_gib[n]:.1f} | {warmup_s[n]:.1f} |" if "FP" in images_s
+            else f"| {n} | {images_s[n]:.1f} | | {peak_gib[n]:.1f} | {warmup_s[n]:.1f} |"
             for n in names
         ),
         "",
+        *([f"guided vs its two members trained alone, 1 / (1/FP + 1/W4A4) = {members:.1f} images/s: "
+           f"**{images_s['guided'] / members:.2f}x** (target >= 0.90x)", ""] if members and "guided" in images_s else []),
     ]
     print(f"wrote {write_section(title, chr(10).join(lines), args.report)}")
 

@@ -31,7 +31,10 @@ from timing import REPORT, context_lines, set_threads, time_interleaved, write_s
 
 TITLE = "Training step: W4A4 vs full precision"
 TARGET = 1.3
-QUANTIZER_FUNCTIONS = ("_ActQuant", "_DorefaWeight", "_BinaryWeight", "_AQE")
+# The eager path (autograd.Functions) and the custom operators (Triton kernels, compiled models).
+QUANTIZER_FORWARD = ("_ActQuant", "_DorefaWeight", "_BinaryWeight", "_AQE", "distq::act_quant", "distq::dorefa_weight", "distq::binary_weight", "distq::aqe")
+QUANTIZER_BACKWARD = (*(f + "Backward" for f in QUANTIZER_FORWARD[:4]), "distq::masked_grad", "distq::dorefa_weight_backward",
+                      "distq::inside_unit", "distq::aqe_backward")  # fmt: skip
 
 
 def build(arch: str, bits: int | None, num_classes: int) -> torch.nn.Module:
@@ -59,8 +62,8 @@ def quantizer_share(step) -> dict[str, float]:
         step()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    forward = sum(e.cpu_time_total for e in events if e.key in QUANTIZER_FUNCTIONS)
-    backward = sum(e.cpu_time_total for e in events if e.key in {f + "Backward" for f in QUANTIZER_FUNCTIONS})
+    forward = sum(e.cpu_time_total for e in events if e.key in QUANTIZER_FORWARD)
+    backward = sum(e.cpu_time_total for e in events if e.key in QUANTIZER_BACKWARD)
     return {"forward": forward / total, "backward": backward / total}
 
 

@@ -17,6 +17,8 @@ EPILOG = """examples:
   distq export runs/digits_w4a4 --out w4a4.safetensors
   distq eval --engine int w4a4.safetensors
   distq predict w4a4.safetensors image.jpg
+  distq export runs/digits_w4a4 --format onnx --out w4a4.onnx
+  distq eval --engine onnx w4a4.onnx
 """
 
 
@@ -38,10 +40,10 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    if args.engine == "int":
-        from distq.export.cli import eval_int
+    if args.engine in ("int", "onnx"):
+        from distq.infer.cli import eval_export
 
-        return eval_int(args)
+        return eval_export(args)
     from distq.evaluate import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, data_root=args.data)))
@@ -96,15 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", metavar="ROOT", help="ImageNet-layout folder (default: the one the run was trained on)")
     ev.add_argument(
         "--engine",
-        choices=("float", "int"),
+        choices=("float", "int", "onnx"),
         default="float",
-        help="float: the PyTorch model of a checkpoint; int: the integer engine on a file written by distq export",
+        help="float: the PyTorch model of a checkpoint; int: the integer engine on a file written by distq export; "
+        "onnx: onnxruntime (CPU) on a file written by distq export --format onnx",
     )
     ev.set_defaults(func=_eval)
 
-    from distq.export.cli import add_commands
+    from distq.data.cli import add_commands as add_data_commands
+    from distq.export.cli import add_commands as add_export_commands
+    from distq.infer.cli import add_commands as add_infer_commands
 
-    add_commands(sub)
+    add_export_commands(sub)
+    add_infer_commands(sub)
+    add_data_commands(sub)
     return parser
 
 

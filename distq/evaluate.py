@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from distq.data import build_val_loader, class_names, resolve_root
+from distq.data import build_val_loader, resolve_root
+from distq.data.bundle import dataset_classes
 from distq.errors import DistqError
 from distq.models.team import SINGLE
 from distq.models.trained import load_trained
@@ -12,10 +13,13 @@ from distq.train.evaluation import evaluate
 def evaluate_checkpoint(path: str, data_root: str | None = None) -> dict:
     trained = load_trained(path)
     cfg = trained.cfg
-    if data_root is not None:
+    if data_root is not None:  # folders or shards, whichever it is
+        from distq.data.shards import is_shards_folder
+
         cfg.data.root = data_root
+        cfg.data.format = "shards" if is_shards_folder(data_root) else "folders"
     root = resolve_root(cfg.data)
-    classes = class_names(root)
+    classes = dataset_classes(cfg.data, root)
     if classes != trained.classes:
         raise DistqError(
             f"dataset {str(root)!r} has classes {classes[:3]}... but checkpoint {path!r} was trained on "

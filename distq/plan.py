@@ -23,6 +23,10 @@ def count_train_images(cfg: DistqConfig) -> tuple[int, str]:
     from distq.data import resolve_root
     from distq.data.folder import image_folder
 
+    if cfg.data.format == "shards" and Path(cfg.data.root).is_dir():
+        from distq.data.shards import ShardsFolder
+
+        return int(ShardsFolder.open(cfg.data.root).splits["train"]["samples"]), "from index.json"
     if cfg.data.root is None or Path(cfg.data.root).is_dir():
         return len(image_folder(resolve_root(cfg.data), "train")), "counted"
     return IMAGENET_TRAIN_IMAGES, f"data.root {cfg.data.root} is not here: assuming ImageNet-1k's"

@@ -1,4 +1,4 @@
-"""Shared fixtures: the digits cache, tiny ImageNet-layout folders, and the ``distq`` CLI.
+"""Shared fixtures: the digits cache (as folders and as shards), tiny ImageNet-layout folders, and the ``distq`` CLI.
 
 Test files have unique basenames and no ``__init__.py``, so pytest's default import mode
 never confuses two of them.
@@ -22,6 +22,14 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Without a GPU, Triton kernels (quant.kernels=triton) run under Triton's CPU interpreter. Set
+# before anything imports a @triton.jit function (the flag is read when a kernel is defined).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 CONFIGS = REPO_ROOT / "configs"
 
 
@@ -49,6 +57,20 @@ def digits_root(distq_cache) -> Path:
     from distq.data.digits import ensure_digits
 
     return ensure_digits(distq_cache)
+
+
+DIGITS_SHARD_BYTES = 150_000
+"""Shards of about 150 KB: the digits (1442 train images, ~2.5 KB each in a tar) in 30 train shards of ~48."""
+
+
+@pytest.fixture(scope="session")
+def digits_shards(digits_root, tmp_path_factory) -> Path:
+    """The digits packed by ``distq data pack`` into small shards (``DIGITS_SHARD_BYTES``), once per session."""
+    from distq.data.pack import pack
+
+    out = tmp_path_factory.mktemp("digits-shards") / "shards"
+    pack(digits_root, out, shard_bytes=DIGITS_SHARD_BYTES, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -225,18 +247,18 @@ def same_state():
 
 @pytest.fixture(scope="session")
 def torchrun(distq_cache):
-    """``torchrun(nproc, *args, log=PATH, env=None, wait=True)``: ``python -m distq ARGS`` on
-    ``nproc`` processes (torchrun, a free port); returns the exit status, or the ``Popen`` with wait=False."""
+    """``torchrun(nproc, *args, log=PATH, env=None, wait=True, timeout=900)``: ``python -m distq ARGS``
+    on ``nproc`` processes (torchrun, a free port); returns the exit status, or the ``Popen`` with wait=False."""
     import socket
 
-    def run(nproc: int, *args: str, log: Path, env: dict[str, str] | None = None, wait: bool = True):
+    def run(nproc: int, *args: str, log: Path, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 900):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "-m", "distq", *map(str, args)]
         with open(log, "w") as out:
             proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_cli_env(distq_cache, env), stdout=out, stderr=subprocess.STDOUT)
-        return proc.wait(timeout=900) if wait else proc
+        return proc.wait(timeout=timeout) if wait else proc
 
     return run
 

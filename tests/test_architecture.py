@@ -26,6 +26,17 @@ def test_import_contracts_hold():
     assert "Contracts: 2 kept, 0 broken." in proc.stdout
 
 
+def test_every_module_of_the_package_has_a_layer():
+    """A module left out of the layers contract would be free to import anything."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    layered = {name.strip() for layer in layers for name in layer.split("|")}
+    children = {f"distq.{p.stem}" for p in (REPO / "distq").iterdir() if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.stem != "__init__"}
+    assert children - layered == set()
+
+
 def test_no_package_folder_is_named_like_build_output():
     folders = {p.name for p in (REPO / "distq").rglob("*") if p.is_dir()} | {p.name for p in (REPO / "tests").rglob("*") if p.is_dir()}
     assert not folders & {"dist", "build"}

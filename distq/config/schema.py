@@ -84,6 +84,10 @@ class QuantConfig:
     """Keep the last linear layer full precision."""
     keep_final_act_fp: bool = True
     """Keep the activation feeding the final pooling full precision."""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """Quantizer implementation: triton (fused Triton kernels: on CUDA, or on the CPU under
+    TRITON_INTERPRET=1 for tests), torch (plain PyTorch operations), auto (Triton for CUDA
+    tensors, PyTorch elsewhere). All give the same outputs to the bit."""
 
     def __post_init__(self):
         check_bits(self.w_bits, "quant.w_bits")
@@ -93,8 +97,13 @@ class QuantConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     root: str | None = None
-    """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG);
-    null uses the embedded digits dataset."""
+    """ImageNet-layout folder (ROOT/train/<class>/*.JPEG, ROOT/val/<class>/*.JPEG), or with
+    data.format=shards a folder written by distq data pack; null uses the embedded digits dataset."""
+    format: Literal["folders", "shards"] = "folders"
+    """folders: image files in class folders (data.root as above); shards: webdataset tar shards with
+    DALI index files and index.json (distq data pack ROOT --out SHARDS), read by offset, each epoch
+    shard after shard in a random order from (seed, epoch): a cluster file system serves a few large
+    files instead of a million small ones."""
     loader: Literal["torchvision", "dali"] = "torchvision"
     """torchvision: ImageFolder + DataLoader; dali: NVIDIA DALI pipelines (GPU decoding when CUDA is present)."""
     image_size: int = 224
@@ -111,6 +120,8 @@ class DataConfig:
     """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops."""
 
     def __post_init__(self):
+        if self.format == "shards" and self.root is None:
+            raise ValueError("data.format=shards needs data.root: a folder written by 'distq data pack ROOT --out SHARDS'")
         check_positive("data.image_size", self.image_size)
         check_positive("data.batch_size", self.batch_size)
         if self.workers < 0:
@@ -151,6 +162,11 @@ class TrainConfig:
     null: data.batch_size x dist.grad_accum x processes. A resumed run keeps its global batch."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; null disables."""
+    compile: bool = False
+    """torch.compile every model (in place: parameter names unchanged), under DeepSpeed too; on CUDA
+    with one process in "reduce-overhead" mode (CUDA graphs). The quantizers are custom operators the
+    compiler keeps whole; a bit-width change recompiles once. Not with precision.stochastic,
+    precision.aqe or precision.aux_branch, which change the network every step."""
 
     def __post_init__(self):
         check_positive("train.epochs", self.epochs)
@@ -205,11 +221,11 @@ class DistConfig:
 @dataclass(kw_only=True)
 class LogConfig:
     every_steps: int = 50
-    """Write train/loss and lr to TensorBoard every this many steps."""
+    """Write train/loss and lr to TensorBoard every this many steps (and, without a terminal, a progress line)."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tb."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal; otherwise (a log file, SLURM) one plain line every log.every_steps steps."""
     samples: bool = False
     """Debugging: log the index of every training sample each rank uses, per step, to RUN_DIR/samples/
     (shows that resumes and changes of the process count use each sample once per epoch)."""
@@ -233,6 +249,13 @@ class DistqConfig:
     guided: GuidedConfig | None = None
 
     def __post_init__(self):
+        if self.train.compile:
+            per_step = [name for name in ("stochastic", "aqe", "aux_branch") if getattr(self.precision, name) is not None]
+            if per_step:
+                raise ValueError(
+                    f"train.compile cannot be combined with precision.{per_step[0]}: it changes the network every step, "
+                    "and torch.compile would compile it again each time; set train.compile=false"
+                )
         if self.train.global_batch is not None and self.dist.grad_accum != 1:
             raise ValueError(
                 f"train.global_batch={self.train.global_batch} chooses the accumulation steps itself: "

@@ -8,13 +8,14 @@ yields ``(images, labels)`` from this rank's shard: over all ranks every image o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distq.config.schema import DataConfig
 from distq.data.digits import ensure_digits
-from distq.data.folder import DataError, class_names
+from distq.data.folder import CLASS_NAMES, DataError, class_names
 
 
 @dataclass
@@ -54,9 +55,35 @@ def checked_class_names(root: Path) -> list[str]:
     return classes
 
 
+def dataset_classes(cfg: DataConfig, root: Path) -> list[str]:
+    """The class list (label i is class i) of the dataset at ``root`` in ``cfg.format``."""
+    if cfg.format == "shards":
+        from distq.data.shards import ShardsFolder
+
+        return ShardsFolder.open(root).classes
+    return checked_class_names(root)
+
+
 def check_layout_fits(num_samples: int, global_batch: int, folder: Path) -> None:
     if num_samples < global_batch:
         raise DataError(
             f"{folder} has {num_samples} training images, fewer than one global batch of {global_batch}: "
             "lower data.batch_size (or train.global_batch)"
         )
+
+
+def class_name_table(root: str | Path | None) -> dict[str, str] | None:
+    """``{class: readable name}`` of a dataset folder or shards folder, if it has one."""
+    if root is None:
+        return None
+    from distq.data.shards import INDEX
+
+    root = Path(root)
+    try:
+        if (root / INDEX).is_file():
+            return json.loads((root / INDEX).read_text()).get("class_names")
+        if (root / CLASS_NAMES).is_file():
+            return dict(json.loads((root / CLASS_NAMES).read_text()))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"the class-name table of {str(root)!r} is not valid JSON ({exc}): fix or delete {CLASS_NAMES}") from None
+    return None

@@ -14,19 +14,27 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from distq.errors import DistqError
 
 SPLITS = ("train", "val")
+CLASS_NAMES = "class_names.json"
+"""``ROOT/class_names.json``: ``{class folder: readable name}`` (``distq data prepare`` writes
+ImageNet's, e.g. ``"n01440764": "tench, Tinca tinca"``); optional."""
 
 
 class DataError(DistqError):
     """A dataset folder or image file the user must fix."""
 
 
+def open_rgb(file) -> Image.Image:
+    """Decode an image (a path or a binary file object) fully, so truncation shows here, as RGB."""
+    image = Image.open(file)
+    image.load()
+    return image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file fully (so truncation is detected here, not later) as RGB."""
+    """``open_rgb`` of an image file, with a ``DataError`` naming the file if it does not decode."""
     try:
         with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-            return image.convert("RGB")
+            return open_rgb(f)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DataError(f"image file {path!r} is corrupt or truncated ({exc}): replace or delete it") from None
 

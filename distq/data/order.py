@@ -8,6 +8,9 @@ epoch). A global batch is ``grad_accum`` micro-steps of ``world`` consecutive sl
 samples of step k do not depend on how many processes share them, a run stopped after step
 k continues on any number of processes with step k + 1, and every sample of the epoch is
 used exactly once.
+
+A sharded training set (``data.format=shards``) has its own epoch order (``shard_order``: one
+shard after another, each shuffled) cut the same way (``rank_slice``), with the same guarantees.
 """
 
 from __future__ import annotations
@@ -73,7 +76,46 @@ def steps_per_epoch(num_samples: int, global_batch: int) -> int:
 def rank_samples(num_samples: int, seed: int, epoch: int, layout: BatchLayout, rank: int, start_step: int = 0) -> list[int]:
     """Sample indices rank ``rank`` reads in ``epoch`` from optimizer step ``start_step`` on,
     in reading order (``micro_batch`` at a time)."""
-    steps = steps_per_epoch(num_samples, layout.global_batch)
-    order = epoch_permutation(num_samples, seed, epoch)[: steps * layout.global_batch]
-    grid = order.view(steps, layout.grad_accum, layout.world, layout.micro_batch)
+    return rank_slice(epoch_permutation(num_samples, seed, epoch), layout, rank, start_step)
+
+
+def rank_slice(order: torch.Tensor, layout: BatchLayout, rank: int, start_step: int = 0) -> list[int]:
+    """Rank ``rank``'s part of an epoch whose samples come in ``order``: the order is cut into
+    global batches, each batch into micro-steps of ``world`` slices; slice ``rank`` is this rank's."""
+    steps = steps_per_epoch(len(order), layout.global_batch)
+    grid = order[: steps * layout.global_batch].view(steps, layout.grad_accum, layout.world, layout.micro_batch)
     return grid[start_step:, :, rank, :].reshape(-1).tolist()
+
+
+def shard_order(shard_sizes: list[int], seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's order of a sharded training set (sample i of shard s is number
+    ``sum(shard_sizes[:s]) + i``): the shards in a random order, each shard's samples in a random
+    order, both drawn from (seed, epoch). Consecutive global batches thus come from one shard at a
+    time: a reader visits each shard once per epoch, whatever the number of processes."""
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    starts = torch.tensor([0, *shard_sizes]).cumsum(0)
+    parts = [starts[s] + torch.randperm(shard_sizes[s], generator=generator) for s in torch.randperm(len(shard_sizes), generator=generator).tolist()]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class EpochOrder:
+    """The epoch orders of a training set of ``num_samples``: a uniform permutation
+    (``epoch_permutation``) or, given ``shard_sizes``, ``shard_order``; what every train loader reads."""
+
+    num_samples: int
+    seed: int
+    shard_sizes: tuple[int, ...] | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self.shard_sizes is None:
+            return epoch_permutation(self.num_samples, self.seed, epoch)
+        return shard_order(list(self.shard_sizes), self.seed, epoch)
+
+    def rank_samples(self, epoch: int, layout: BatchLayout, rank: int, start_step: int = 0) -> list[int]:
+        return rank_slice(self.permutation(epoch), layout, rank, start_step)
+
+    def micro_batches(self, layout: BatchLayout, start_step: int = 0) -> int:
+        """Micro-batches each rank reads in an epoch from ``start_step`` on."""
+        return (steps_per_epoch(self.num_samples, layout.global_batch) - start_step) * layout.grad_accum

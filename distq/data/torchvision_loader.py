@@ -1,4 +1,5 @@
-"""The torchvision train/val loaders (``data.loader=torchvision``): ImageFolder + DataLoader.
+"""The torchvision train/val loaders (``data.loader=torchvision``): ImageFolder (or a shards
+folder's samples, ``distq.data.shards``) + DataLoader.
 
 Data order comes from ``distq.data.order`` (a pure function of seed, epoch and batch
 layout), and each sample's augmentation from the RNG seeded with (seed, epoch, index), so it
@@ -11,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distq.config.schema import DataConfig
-from distq.data.bundle import DataBundle, check_layout_fits, checked_class_names, resolve_root, sample_seed
+from distq.data.bundle import DataBundle, check_layout_fits, dataset_classes, resolve_root, sample_seed
 from distq.data.folder import image_folder
-from distq.data.order import BatchLayout, rank_samples, steps_per_epoch
+from distq.data.order import BatchLayout, EpochOrder
+from distq.data.shards import ShardsFolder
 from distq.data.transforms import train_transform, val_transform
 
 
@@ -50,21 +52,20 @@ class SeededSamples(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """This rank's samples of the epoch (``order.rank_samples``), from ``start_step`` on."""
+    """This rank's samples of the epoch (``EpochOrder.rank_samples``), from ``start_step`` on."""
 
-    def __init__(self, num_samples: int, seed: int, layout: BatchLayout, rank: int):
-        self.num_samples, self.seed, self.layout, self.rank = num_samples, seed, layout, rank
+    def __init__(self, order: EpochOrder, layout: BatchLayout, rank: int):
+        self.order, self.layout, self.rank = order, layout, rank
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
-        return iter(rank_samples(self.num_samples, self.seed, self.epoch, self.layout, self.rank, self.start_step))
+        return iter(self.order.rank_samples(self.epoch, self.layout, self.rank, self.start_step))
 
     def __len__(self) -> int:
-        steps = steps_per_epoch(self.num_samples, self.layout.global_batch) - self.start_step
-        return steps * self.layout.grad_accum * self.layout.micro_batch
+        return self.order.micro_batches(self.layout, self.start_step) * self.layout.micro_batch
 
 
 class TorchvisionTrainLoader:
@@ -93,14 +94,23 @@ class TorchvisionTrainLoader:
 
 
 def build_val_loader(cfg: DataConfig, root, rank: int = 0, world: int = 1) -> DataLoader:
-    val_set = image_folder(root, "val", val_transform(cfg.image_size, cfg.val_crop_ratio))
+    transform = val_transform(cfg.image_size, cfg.val_crop_ratio)
+    val_set = ShardsFolder.open(root).split("val", transform) if cfg.format == "shards" else image_folder(root, "val", transform)
     return DataLoader(val_set, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_set), rank, world), num_workers=cfg.workers)
 
 
 def build_torchvision_loaders(cfg: DataConfig, seed: int, layout: BatchLayout, rank: int = 0) -> DataBundle:
+    """Folders: torchvision's ImageFolder; shards: samples read by offset and decoded by the
+    webdataset library, in the sharded epoch order (``order.shard_order``)."""
     root = resolve_root(cfg)
-    classes = checked_class_names(root)
-    samples = SeededSamples(image_folder(root, "train", train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip)), seed)
-    check_layout_fits(len(samples), layout.global_batch, root / "train")
-    train = TorchvisionTrainLoader(samples, EpochSampler(len(samples), seed, layout, rank), cfg)
+    classes = dataset_classes(cfg, root)
+    transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip)
+    if cfg.format == "shards":
+        train_set = ShardsFolder.open(root).split("train", transform)
+        order = EpochOrder(len(train_set), seed, tuple(train_set.sizes))
+    else:
+        train_set = image_folder(root, "train", transform)
+        order = EpochOrder(len(train_set), seed)
+    check_layout_fits(len(train_set), layout.global_batch, root if cfg.format == "shards" else root / "train")
+    train = TorchvisionTrainLoader(SeededSamples(train_set, seed), EpochSampler(order, layout, rank), cfg)
     return DataBundle(train=train, val=build_val_loader(cfg, root, rank, layout.world), classes=classes, root=root)

@@ -92,6 +92,15 @@ class ExportSummary:
 
 def export_checkpoint(path: str | Path, out: str | Path, model_name: str | None = None) -> ExportSummary:
     """Export one model of a training checkpoint to ``out``."""
+    model, header = checkpoint_model(path, model_name)
+    export, summary = export_model(model, header)
+    summary.file_bytes = write_export(export, out)
+    return summary
+
+
+def checkpoint_model(path: str | Path, model_name: str | None = None) -> tuple[nn.Module, dict]:
+    """One model of a training checkpoint, its weights and precision state loaded, and the
+    header every export format writes: model config, quant config, preprocessing, classes, source."""
     from distq.checkpoint import load_state as load_checkpoint
     from distq.checkpoint import load_weights
     from distq.config import config_from_dict
@@ -115,11 +124,18 @@ def export_checkpoint(path: str | Path, out: str | Path, model_name: str | None 
         "quant": dataclasses.asdict(cfg.quant),
         "preprocess": _preprocess(cfg.data),
         "classes": classes,
+        **_readable_names(cfg.data.root, classes),
         "source": {"checkpoint": str(path), "model": name, "epoch": state.get("epoch"), "data_root": cfg.data.root},
     }
-    export, summary = export_model(model, header)
-    summary.file_bytes = write_export(export, out)
-    return summary
+    return model, header
+
+
+def _readable_names(data_root: str | None, classes: list[str]) -> dict:
+    """``{"class_names": [...]}`` when the training data root (still) has a class-name table."""
+    from distq.data.bundle import class_name_table
+
+    table = class_name_table(data_root) if data_root and Path(data_root).is_dir() else None
+    return {"class_names": [table.get(c, "") for c in classes]} if table else {}
 
 
 def _pick_model(models: dict, name: str | None, path) -> str:
@@ -244,7 +260,7 @@ def conv_bn_pairs(model: nn.Module, image_size: int) -> dict[str, str]:
     return {bn: conv for bn, conv in pairs.items() if convs.count(conv) == 1}
 
 
-def _bn_affine(bn: nn.BatchNorm2d | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(bn: nn.BatchNorm2d | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, h) in float64 with bn(z) = z * g + h; identity when there is no batch-norm."""
     if bn is None:
         return torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
@@ -273,7 +289,7 @@ def _geometry(module: nn.Module) -> dict:
 def _weight_layer(name: str, module: nn.Module, bn: nn.BatchNorm2d | None, bn_name: str | None) -> tuple[dict, dict]:
     record = {**_geometry(module), "batchnorm": bn_name}
     out_channels = module.weight.shape[0]
-    g, h = _bn_affine(bn, out_channels)
+    g, h = bn_affine(bn, out_channels)
     bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
     bits = module.bits if isinstance(module, QuantState) else FULL_PRECISION
     if bits == FULL_PRECISION:
@@ -300,6 +316,6 @@ def _weight_layer(name: str, module: nn.Module, bn: nn.BatchNorm2d | None, bn_na
 
 
 def _float_batchnorm(name: str, bn: nn.BatchNorm2d) -> tuple[dict, dict]:
-    g, h = _bn_affine(bn, bn.num_features)
+    g, h = bn_affine(bn, bn.num_features)
     tensors = {f"{name}.scale": g.float(), f"{name}.shift": h.float()}
     return {"op": "batchnorm", "folded_into": None, "tensors": {"scale": f"{name}.scale", "shift": f"{name}.shift"}}, tensors

@@ -14,7 +14,9 @@ The distq header says everything needed to run the model without its training co
     model       the model config (arch, width, small_input, num_classes)
     quant       the quantizer config the model was trained with (for the record)
     preprocess  image_size, val_crop_ratio, mean, std of the validation transform
-    classes     class names, in logit order
+    classes     class names (the dataset's class folders, e.g. ImageNet wnids), in logit order
+    class_names optional: readable names in logit order ("tench, Tinca tinca"), from the
+                dataset's table (ROOT/class_names.json or a shards folder's index.json)
     layers      {module name: record} in module order (see distq.export.exporter)
     source      checkpoint path, model name, epoch and training data root (for the record,
                 and the default dataset of ``distq eval --engine int``)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +120,33 @@ def to_bytes(export: ExportFile) -> bytes:
 
 def write_export(export: ExportFile, path: str | Path) -> int:
     """Write ``export`` atomically to ``path``; returns the file size in bytes."""
+    data = to_bytes(export)
+    write_file(path, data)
+    return len(data)
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse an output path that cannot be written, before any work is done for it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: it is a directory; give the name of the file to write")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the writer creates missing folders below the nearest existing one
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {str(path)!r}: no permission to write in {str(folder)!r}")
+
+
+def write_file(path: str | Path, data: bytes) -> None:
+    """Write ``data`` atomically to ``path``; an OS refusal is an ``ExportError`` naming the file."""
     from distq.checkpoint import atomic_write
 
-    data = to_bytes(export)
-    atomic_write(Path(path), lambda f: f.write(data))
-    return len(data)
+    try:
+        atomic_write(Path(path), lambda f: f.write(data))
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def read_export(path: str | Path) -> ExportFile:

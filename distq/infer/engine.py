@@ -12,6 +12,12 @@ module the header describes is swapped for its engine counterpart:
 
 Float parts run in ``dtype`` (float32; float64 makes them exact enough to compare the
 integer path with a float64 fake-quantized model code for code).
+
+``kernels`` picks the bit kernels: "auto" (the default) runs the native ones
+(``distq.infer.native``) where they build and the torch reference ones otherwise, saying so
+once; "native" requires them; "reference" forces the torch kernels. Both give the same
+integers and the same floats, bit for bit. With the native kernels, ``fuse`` lets a conv
+compute the activation that follows it (``distq.infer.fusion``).
 """
 
 from __future__ import annotations
@@ -23,17 +29,26 @@ import torch.nn as nn
 
 from distq.export.codes import weight_integers
 from distq.export.format import ExportError, ExportFile, read_export, unpack_planes
+from distq.infer.fusion import fuse_conv_activations
 from distq.infer.layers import BitConv2d, BitLinear, ChannelAffine, CodedMaxPool2d, FloatLayer, IntAct
+from distq.infer.native import describe, use_native
 from distq.quant.functional import FULL_PRECISION, VALID_BITS
 
 
 class IntegerModel(nn.Module):
     """An exported model ready to run: ``model(images)`` -> float32 logits."""
 
-    def __init__(self, net: nn.Module, header: dict, dtype: torch.dtype):
+    def __init__(self, net: nn.Module, header: dict, dtype: torch.dtype, kernels: str = "reference", fused=()):
         super().__init__()
         self.net, self.header, self.dtype = net, header, dtype
         self.classes: list[str] = list(header["classes"])
+        self.kernels = kernels
+        """Which bit kernels run: 'native (avx512)', 'native (avx2)', 'native (portable)' or 'reference'."""
+        self.fused: list[tuple[str, ...]] = list(fused)
+        """Module chains computed by one native call, (conv, activation) or (stem conv,
+        activation, max-pool): the last module's output is the call's."""
+        self.class_names: dict[str, str] = dict(zip(self.classes, header.get("class_names") or []))
+        """Readable names of the classes that have one (ImageNet: wnid -> "tench, Tinca tinca")."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -44,24 +59,30 @@ class IntegerModel(nn.Module):
         return {name: dict(m.calls) for name, m in self.net.named_modules() if isinstance(m, (BitConv2d, BitLinear))}
 
 
-def load_engine(path: str | Path, dtype: torch.dtype = torch.float32) -> IntegerModel:
-    return build_engine(read_export(path), dtype, source=str(path))
+def load_engine(path: str | Path, dtype: torch.dtype = torch.float32, kernels: str = "auto", fuse: bool = True) -> IntegerModel:
+    return build_engine(read_export(path), dtype, source=str(path), kernels=kernels, fuse=fuse)
 
 
-def build_engine(export: ExportFile, dtype: torch.dtype = torch.float32, source: str = "<export>") -> IntegerModel:
+def build_engine(
+    export: ExportFile, dtype: torch.dtype = torch.float32, source: str = "<export>", kernels: str = "auto", fuse: bool = True
+) -> IntegerModel:
     what = f"export file {source!r}"
+    native = use_native(kernels)
     try:
-        net = _rebuild(export, dtype, what)
+        net = _rebuild(export, dtype, what, native)
     except ExportError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         raise ExportError(
             f"{what} is corrupt: its header does not describe a runnable model ({type(exc).__name__}: {exc})"
         ) from None
-    return IntegerModel(net.eval(), export.header, dtype)
+    fused = []
+    if native and fuse:
+        net, fused = fuse_conv_activations(net)
+    return IntegerModel(net.eval(), export.header, dtype, describe() if native else "reference", fused)
 
 
-def _rebuild(export: ExportFile, dtype: torch.dtype, what: str) -> nn.Module:
+def _rebuild(export: ExportFile, dtype: torch.dtype, what: str, native: bool) -> nn.Module:
     from distq.models.registry import build_float_model, model_names
 
     model = export.header["model"]
@@ -75,13 +96,15 @@ def _rebuild(export: ExportFile, dtype: torch.dtype, what: str) -> nn.Module:
     for name, record in layers.items():
         if name not in modules:
             raise ExportError(f"{what} does not match architecture {model['arch']!r}: it has no layer {name!r}")
-        _set_module(net, name, _engine_module(name, record, modules[name], export, dtype, what))
+        _set_module(net, name, _engine_module(name, record, modules[name], export, dtype, what, native))
     stateful = [n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False)) and n not in layers]
     if stateful:
         raise ExportError(f"{what} is incomplete: no record for layer(s) {', '.join(stateful[:3])}")
     for name, module in list(net.named_modules()):
         if type(module) is nn.MaxPool2d:
-            pool = CodedMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
+            pool = CodedMaxPool2d(
+                module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode, native=native
+            )
             _set_module(net, name, pool)
     return net
 
@@ -91,13 +114,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _engine_module(name: str, record: dict, original: nn.Module, export: ExportFile, dtype, what: str) -> nn.Module:
+def _engine_module(name: str, record: dict, original: nn.Module, export: ExportFile, dtype, what: str, native: bool) -> nn.Module:
     op = record["op"]
     if op == "act":
         bits = int(record["bits"])
         if bits not in VALID_BITS:
             raise ExportError(f"{what} is corrupt: layer {name!r} has activation bits {bits}")
-        return nn.ReLU() if bits == FULL_PRECISION else IntAct(bits, record["method"])
+        return nn.ReLU() if bits == FULL_PRECISION else IntAct(bits, record["method"], native)
     if op == "batchnorm":
         if record["folded_into"] is not None:
             return nn.Identity()
@@ -112,7 +135,7 @@ def _engine_module(name: str, record: dict, original: nn.Module, export: ExportF
     tensors = record["tensors"]
     bits = int(record["weight_bits"])
     if bits == FULL_PRECISION:
-        return FloatLayer(original, *(export.tensor(tensors[k]) for k in ("weight", "out_scale", "out_shift")), dtype)
+        return FloatLayer(original, *(export.tensor(tensors[k]) for k in ("weight", "out_scale", "out_shift")), dtype, native)
     if bits not in VALID_BITS:
         raise ExportError(f"{what} is corrupt: layer {name!r} has weight bits {bits}")
     codes = unpack_planes(export.tensor(tensors["weight_codes"]), bits, shape)
@@ -126,4 +149,4 @@ def _engine_module(name: str, record: dict, original: nn.Module, export: ExportF
         export.tensor(tensors["out_shift"]),
         dtype,
     )
-    return BitConv2d(original, *args) if op == "conv" else BitLinear(*args)
+    return BitConv2d(original, *args, native=native) if op == "conv" else BitLinear(*args, native=native)

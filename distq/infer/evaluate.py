@@ -1,9 +1,11 @@
-"""Run the integer engine on data: the validation split (``distq eval --engine int``) and
-single images (``distq predict``). Preprocessing comes from the export file's header."""
+"""Run an export on data: the validation split (``distq eval --engine int|onnx``) and single
+images (``distq predict``), on the integer engine or, for an ONNX file, onnxruntime.
+Preprocessing comes from the export file's header (an ONNX file's metadata)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision.transforms as T
@@ -11,6 +13,9 @@ from torch.utils.data import DataLoader
 
 from distq.errors import DistqError
 from distq.infer.engine import IntegerModel, load_engine
+
+if TYPE_CHECKING:
+    from distq.infer.onnx_runtime import OnnxModel
 
 EVAL_BATCH_SIZE = 64
 EVAL_WORKERS = 2
@@ -31,13 +36,22 @@ def val_transform(preprocess: dict) -> T.Compose:
     )
 
 
-def evaluate_export(path: str, data_root: str | None = None) -> dict:
-    """Top-1/top-5 (percent) of the integer engine on ``data_root``'s val split (default:
-    the dataset the model was trained on)."""
+def load_runner(path: str, engine: str = "int"):
+    """The model of an export file: the integer engine, or onnxruntime (``engine="onnx"``)."""
+    if engine == "onnx":
+        from distq.infer.onnx_runtime import OnnxModel
+
+        return OnnxModel(path)
+    return load_engine(path)
+
+
+def evaluate_export(path: str, data_root: str | None = None, engine_name: str = "int") -> dict:
+    """Top-1/top-5 (percent) of the integer engine (or onnxruntime) on ``data_root``'s val
+    split (default: the dataset the model was trained on), and which kernels ran."""
     from distq.data import class_names, ensure_digits, image_folder
     from distq.train.metrics import topk_correct
 
-    engine = load_engine(path)
+    engine = load_runner(path, engine_name)
     root = Path(data_root or engine.header.get("source", {}).get("data_root") or ensure_digits())
     classes = class_names(root)
     if classes != engine.classes:
@@ -57,14 +71,15 @@ def evaluate_export(path: str, data_root: str | None = None) -> dict:
     if seen == 0:
         raise DistqError(f"the validation split of {str(root)!r} is empty: put images in ROOT/val/<class>/")
     return {
-        "engine": "int",
+        "engine": engine_name,
+        "kernels": getattr(engine, "kernels", "onnxruntime"),
         "val/top1": 100.0 * counts[0].item() / seen,
         "val/top5": 100.0 * counts[1].item() / seen,
         "images": seen,
     }
 
 
-def predict(engine: IntegerModel, image_paths: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
+def predict(engine: IntegerModel | OnnxModel, image_paths: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
     """Top-``k`` (class name, probability) for each image."""
     from distq.data.folder import load_rgb
 

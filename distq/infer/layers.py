@@ -11,6 +11,11 @@ that holds the activation scale, the weight scale and the folded batch-norm::
 
 A quantized layer that receives a plain float tensor (AlexNet's first classifier layer
 reads the full-precision final features) multiplies by its integer weights in float.
+
+Each layer runs one of two kernel sets with identical results: the native kernels
+(``distq.infer.native``: packed 64-bit words, hardware popcount, the affine fused into the
+GEMM's output) when ``native`` is set, else the torch reference kernels of
+``distq.infer.bitops``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ import torch.nn.functional as F
 from distq.export.codes import aqe_exponent, levels
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chunks, pack_weight
+from distq.infer.native.ops import (
+    NativeWeight,
+    affine_quantize_pool,
+    affine_to_channels_last,
+    max_pool_codes,
+    quantize_unit,
+)
 from distq.quant.functional import aqe_hard
 
 MAX_AQE_BITS = 5
@@ -45,6 +57,11 @@ def coded(values: torch.Tensor, ints: torch.Tensor, code: PlaneCode, scale: floa
     return out
 
 
+def dorefa_values(ints: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The values of DoReFa activation integers, ints / (2^bits - 1), as ``quantize_unit`` has them."""
+    return ints.to(dtype) / levels(bits)
+
+
 class IntAct(nn.Module):
     """The QAct of an exported model, producing integers.
 
@@ -53,18 +70,26 @@ class IntAct(nn.Module):
     (``aqe_hard``, per-sample ternary threshold as in QAct), times 2^P.
     """
 
-    def __init__(self, bits: int, method: str):
+    def __init__(self, bits: int, method: str, native: bool = False):
         super().__init__()
         if method == "aqe" and bits > MAX_AQE_BITS:
             raise ExportError(f"the integer engine runs AQE activations of 1..{MAX_AQE_BITS} bits, not {bits}")
-        self.bits, self.method = bits, method
+        self.bits, self.method, self.native = bits, method, native
+        self.computed_by: str | None = None
+        """The conv whose native output is already this activation (``distq.infer.fusion``)."""
 
     def forward(self, x: torch.Tensor) -> CodedActivation:
+        if self.computed_by is not None and isinstance(x, CodedActivation):
+            return x
         x = x.as_subclass(torch.Tensor)
         if self.method == "dorefa":
             n = levels(self.bits)
-            ints = torch.round(x.clamp(0, 1) * n).to(torch.uint8)
-            return coded(ints.to(x.dtype) / n, ints, PlaneCode("unsigned", self.bits), 1.0 / n)
+            if self.native:  # the same expression in one pass instead of six
+                ints, values = quantize_unit(x, n)
+            else:
+                ints = torch.round(x.clamp(0, 1) * n).to(torch.uint8)
+                values = dorefa_values(ints, self.bits, x.dtype)
+            return coded(values, ints, PlaneCode("unsigned", self.bits), 1.0 / n)
         hard = aqe_hard(x, self.bits, tuple(range(1, x.dim())))
         p = aqe_exponent(self.bits)
         # int8 while the two's complement code fits a byte: the fast byte-parallel packing.
@@ -79,7 +104,12 @@ class IntAct(nn.Module):
 class _BitLayer(nn.Module):
     """Shared by BitConv2d and BitLinear: packed weights, the affine, the two input paths."""
 
-    def __init__(self, ints: torch.Tensor, bits: int, method: str, weight_scale, out_scale, out_shift, dtype):
+    def __init__(
+        self, ints: torch.Tensor, bits, method, weight_scale, out_scale, out_shift, dtype, native=False, conv_geometry=()
+    ):
+        """``native``: also pack the weight for the native kernels and run them on integer
+        inputs; ``conv_geometry``: (kernel, stride, padding) of a conv (a linear is a 1x1 conv
+        over a 1x1 image whose channels are its in-features)."""
         super().__init__()
         if method == "aqe" and bits > MAX_AQE_BITS:
             raise ExportError(f"the integer engine runs AQE weights of 1..{MAX_AQE_BITS} bits, not {bits}")
@@ -94,6 +124,18 @@ class _BitLayer(nn.Module):
         self.out_scale_f, self.out_shift_f = out_scale.to(dtype), out_shift.to(dtype)
         self._float_weight: torch.Tensor | None = None
         self.calls = {"bit": 0, "float": 0}
+        self.native: NativeWeight | None = None
+        if native:
+            self.native = NativeWeight(self.packed, ints.shape[1], *conv_geometry)
+            self._native_shift = self.out_shift.expand(self.native.out).contiguous()
+            self._native_scale: tuple[float, torch.Tensor] | None = None
+        self.fused_act_bits = 0
+        """> 0: this layer's native output is the DoReFa activation of that many bits that
+        follows it (``distq.infer.fusion``): values and integers, not the affine's floats."""
+        self.fused_code: PlaneCode | None = None
+        self.takes_residual = False
+        """True: ``forward(x, residual)`` adds the residual to its output (``distq.infer.fusion``
+        moved a following ``+`` into this layer)."""
 
     def float_weight(self) -> torch.Tensor:
         """The dequantized weight, for float inputs only; made on first use so that an
@@ -116,6 +158,24 @@ class _BitLayer(nn.Module):
             y[rows] = acc.double().mul_(scale).add_(self.out_shift)
         return y
 
+    def fuse_activation(self, bits: int) -> None:
+        """From now on the native output is the DoReFa activation of ``bits`` that follows."""
+        self.fused_act_bits, self.fused_code = bits, PlaneCode("unsigned", bits)
+
+    def _native_forward(self, x: CodedActivation, ints: torch.Tensor, residual=None):
+        """Integer activations -> the native GEMM with the affine (and the residual) fused into
+        its output, in the reference's arithmetic: floats (conv: channels-last NCHW; linear:
+        rows), or with a fused activation its CodedActivation."""
+        self.calls["bit"] += 1
+        if self._native_scale is None or self._native_scale[0] != x.scale:  # the same scale on every call
+            self._native_scale = (x.scale, (x.scale * self.acc_scale).expand(self.native.out).contiguous())
+        run = self.native.conv if ints.dim() == 4 else self.native.linear
+        n = levels(self.fused_act_bits) if self.fused_act_bits else 0
+        if residual is not None:
+            residual = residual.as_subclass(torch.Tensor)
+        y = run(ints, x.code, self._native_scale[1], self._native_shift, x.dtype, n, residual)
+        return coded(y[0], y[1], self.fused_code, 1.0 / n) if n else y
+
     def _float_affine(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         return channel_affine(y, self.out_scale_f, self.out_shift_f, channel_dim)
 
@@ -128,24 +188,30 @@ def channel_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ch
 
 
 class BitConv2d(_BitLayer):
-    def __init__(self, conv: nn.Conv2d, ints, bits, method, weight_scale, out_scale, out_shift, dtype=torch.float32):
-        super().__init__(ints, bits, method, weight_scale, out_scale, out_shift, dtype)
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+    def __init__(
+        self, conv: nn.Conv2d, ints, bits, method, weight_scale, out_scale, out_shift, dtype=torch.float32, native=False
+    ):
+        geometry = (conv.kernel_size, conv.stride, conv.padding)
+        super().__init__(ints, bits, method, weight_scale, out_scale, out_shift, dtype, native, geometry)
+        self.kernel_size, self.stride, self.padding = geometry
 
     def _weight_shape(self, rows: torch.Tensor) -> torch.Tensor:
         """(out, kh * kw * C) rows -> (out, C, kh, kw), undoing ``conv_weight_rows``."""
         kh, kw = self.kernel_size
         return rows.view(rows.shape[0], kh, kw, -1).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, CodedActivation):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual``: added to the output (see ``takes_residual``)."""
+        if self.native is not None and isinstance(x, CodedActivation):
+            return self._native_forward(x, x.ints, residual)
+        if isinstance(x, CodedActivation):
+            patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
+            # NCHW view of channels-last memory (N * OH * OW, out): the next im2col reads it without a transpose.
+            y = self._bit_forward(patches, x).view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+        else:
             self.calls["float"] += 1
-            y = F.conv2d(x, self.float_weight(), None, self.stride, self.padding)
-            return self._float_affine(y, 1)
-        patches, oh, ow = im2col(x.ints, self.kernel_size, self.stride, self.padding)
-        y = self._bit_forward(patches, x)  # (N * OH * OW, out)
-        # NCHW view of channels-last memory: the next im2col reads it without a transpose.
-        return y.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
+            y = self._float_affine(F.conv2d(x, self.float_weight(), None, self.stride, self.padding), 1)
+        return y if residual is None else y + residual
 
     def extra_repr(self) -> str:
         return f"out={self.packed.out_features}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}, bits={self.bits}"
@@ -156,6 +222,9 @@ class BitLinear(_BitLayer):
         if not isinstance(x, CodedActivation):
             self.calls["float"] += 1
             return self._float_affine(F.linear(x, self.float_weight()), -1)
+        if self.native is not None:
+            y = self._native_forward(x, x.ints.reshape(-1, x.shape[-1]))
+            return y.view(*x.shape[:-1], -1) if x.dim() != 2 else y
         return self._bit_forward(x.ints.reshape(-1, x.shape[-1]), x).view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
@@ -164,11 +233,37 @@ class BitLinear(_BitLayer):
 
 class CodedMaxPool2d(nn.MaxPool2d):
     """Max pooling that keeps a quantized activation's integers: the quantizers are
-    monotone, so the max of the values is the value of the max integer."""
+    monotone, so the max of the values is the value of the max integer.
+
+    ``native``: DoReFa codes (uint8) are pooled as integers by the native kernel, and each
+    pooled value is looked up from its code, which gives exactly the max of the values."""
+
+    def __init__(self, *args, native: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.native = native
+        self._value_tables: dict = {}
+        self.computed_by: str | None = None
+        """The float conv whose native output is already this pool's (``distq.infer.fusion``)."""
+
+    def native_geometry(self):
+        """(kernel, stride, padding) pairs where the native kernel applies, else None."""
+        if self.dilation not in (1, (1, 1)) or self.ceil_mode:
+            return None
+        pair = nn.modules.utils._pair
+        return pair(self.kernel_size), pair(self.stride if self.stride is not None else self.kernel_size), pair(self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, CodedActivation):
             return super().forward(x)
+        if self.computed_by is not None:
+            return x
+        geometry = self.native_geometry() if self.native else None
+        if geometry is not None and x.code.kind == "unsigned" and x.ints.dtype == torch.uint8:
+            key = (x.code.bits, x.dtype)
+            if key not in self._value_tables:
+                self._value_tables[key] = dorefa_values(torch.arange(256, dtype=torch.uint8), x.code.bits, x.dtype)
+            ints, values = max_pool_codes(x.ints, self._value_tables[key], *geometry)
+            return coded(values, ints, x.code, x.scale)
         y, idx = F.max_pool2d(
             x.as_subclass(torch.Tensor),
             self.kernel_size,
@@ -184,19 +279,43 @@ class CodedMaxPool2d(nn.MaxPool2d):
 
 class FloatLayer(nn.Module):
     """A full-precision conv or linear with its bias and batch-norm folded into a
-    per-channel affine: y = op(x, weight) * out_scale + out_shift."""
+    per-channel affine: y = op(x, weight) * out_scale + out_shift.
 
-    def __init__(self, original: nn.Module, weight: torch.Tensor, out_scale: torch.Tensor, out_shift: torch.Tensor, dtype):
+    ``native``: a conv's affine runs natively and writes channels-last (the same roundings),
+    the layout the native layers after it read; torch's broadcast affine and later
+    mixed-layout adds cost more than the conv itself at small sizes."""
+
+    def __init__(self, original: nn.Module, weight: torch.Tensor, out_scale: torch.Tensor, out_shift: torch.Tensor, dtype, native=False):
         super().__init__()
+        self.native = native
+        self.fused_act_bits = 0
+        """> 0: the output is the DoReFa activation of that many bits that follows (``distq.infer.fusion``)."""
+        self.fused_pool: tuple | None = None
+        """(kernel, stride, padding) of a max pool after that activation, also fused."""
         self.weight, self.out_scale, self.out_shift = weight.to(dtype), out_scale.to(dtype), out_shift.to(dtype)
         self.conv = isinstance(original, nn.Conv2d)
         if self.conv:
             self.stride, self.padding = original.stride, original.padding
 
+    def fuse_activation(self, bits: int, pool: tuple | None = None) -> None:
+        """From now on a conv's output is the DoReFa activation of ``bits`` that follows, or
+        that activation max-pooled with ``pool`` = (kernel, stride, padding)."""
+        self.fused_act_bits, self.fused_pool = bits, pool
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)
         if self.conv:
-            return channel_affine(F.conv2d(x, self.weight, None, self.stride, self.padding), self.out_scale, self.out_shift, 1)
+            y = F.conv2d(x, self.weight, None, self.stride, self.padding)
+            if self.native and self.fused_act_bits:
+                n = levels(self.fused_act_bits)
+                if self.fused_pool is not None:
+                    values, codes = affine_quantize_pool(y, self.out_scale, self.out_shift, n, *self.fused_pool)
+                else:
+                    values, codes = affine_to_channels_last(y, self.out_scale, self.out_shift, n)
+                return coded(values, codes, PlaneCode("unsigned", self.fused_act_bits), 1.0 / n)
+            if self.native:
+                return affine_to_channels_last(y, self.out_scale, self.out_shift)
+            return channel_affine(y, self.out_scale, self.out_shift, 1)
         return channel_affine(F.linear(x, self.weight), self.out_scale, self.out_shift, -1)
 
     def extra_repr(self) -> str:

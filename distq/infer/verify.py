@@ -1,4 +1,5 @@
-"""Does an export file compute what its checkpoint's fake-quantized model computes?
+"""Does an export file (integer engine, or ONNX in onnxruntime) compute what its checkpoint's
+fake-quantized model computes?
 
 ``compare`` runs both on the validation split and reports how often the predicted class
 agrees and how far the logits are apart. The reference is the checkpoint's model with
@@ -13,6 +14,7 @@ import dataclasses
 import torch
 
 from distq.infer.engine import load_engine
+from distq.infer.evaluate import load_runner
 from distq.quant.layers import quant_layers
 
 
@@ -70,17 +72,19 @@ def compare(
     dtype: torch.dtype = torch.float32,
     reference_dtype: torch.dtype | None = None,
     limit: int | None = None,
+    engine_name: str = "int",
 ) -> dict:
-    """Agreement of the integer engine (float parts in ``dtype``) and the fake-quantized
-    model (in ``reference_dtype``, default ``dtype``; float64 makes it ``exact_reference``)
-    on the val split, or its first ``limit`` images.
+    """Agreement of the integer engine (float parts in ``dtype``), or of onnxruntime
+    (``engine_name="onnx"``, float32), and the fake-quantized model (in ``reference_dtype``,
+    default ``dtype``; float64 makes it ``exact_reference``) on the val split, or its first
+    ``limit`` images.
 
     Returns counts, top-1 of each, the largest and 99th-percentile per-image max |logit
     difference|, how many images differ by more than 1e-3, and the largest |logit|.
     """
     from distq.data import build_val_loader, resolve_root
 
-    engine = load_engine(export_file, dtype)
+    engine = load_runner(export_file, "onnx") if engine_name == "onnx" else load_engine(export_file, dtype)
     reference_dtype = reference_dtype or dtype
     model, cfg = reference_model(checkpoint, engine.header["source"]["model"], reference_dtype)
     cfg.data.workers = 0

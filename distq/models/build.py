@@ -34,6 +34,7 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int
         keep_first_fp=quant_cfg.keep_first_fp,
         keep_last_fp=quant_cfg.keep_last_fp,
         keep_final_act_fp=quant_cfg.keep_final_act_fp,
+        kernels=quant_cfg.kernels,
     )
     if model_cfg.pretrained:
         load_float_weights(model, model_cfg.pretrained)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from distq.quant.layers import QAct, QConv2d, QLinear
+from distq.quant.layers import QAct, QConv2d, QLinear, QuantState
 
 
 def _first_and_last(model: nn.Module) -> tuple[str, str]:
@@ -27,6 +27,7 @@ def quantize_model(
     keep_first_fp: bool = True,
     keep_last_fp: bool = True,
     keep_final_act_fp: bool = True,
+    kernels: str = "auto",
 ) -> nn.Module:
     """Replace convs/linears by ``QConv2d``/``QLinear`` and ReLUs by ``QAct``.
 
@@ -50,4 +51,7 @@ def quantize_model(
             _set_module(model, name, QLinear.from_float(module, w_bits, method, per_channel))
         elif type(module) is nn.ReLU:
             _set_module(model, name, QAct(a_bits, method))
+    for _, module in model.named_modules():
+        if isinstance(module, QuantState):
+            module.kernels = kernels
     return model

@@ -46,6 +46,8 @@ class QuantState:
     method: str
     alpha: float
     quantize: bool
+    kernels: str = "auto"
+    """quant.kernels: which implementation of the quantizer runs (not a precision: not saved)."""
 
     def _init_quant_state(self, bits: int = FULL_PRECISION, method: str = "dorefa", alpha: float = 0.5) -> None:
         if method not in METHODS:
@@ -95,8 +97,8 @@ class _QWeightMixin(QuantState):
         if bits == FULL_PRECISION:
             return self.weight
         if self.method == "aqe":
-            return aqe_quant(self.weight, bits, self.alpha)
-        return weight_quant(self.weight, bits, self.per_channel)
+            return aqe_quant(self.weight, bits, self.alpha, kernels=self.kernels)
+        return weight_quant(self.weight, bits, self.per_channel, self.kernels)
 
 
 class QConv2d(_QWeightMixin, nn.Conv2d):
@@ -149,8 +151,8 @@ class QAct(QuantState, nn.Module):
         if bits == FULL_PRECISION:
             return F.relu(x)
         if self.method == "aqe":
-            return aqe_quant(x, bits, self.alpha, per_sample=True)
-        return act_quant(x, bits)
+            return aqe_quant(x, bits, self.alpha, per_sample=True, kernels=self.kernels)
+        return act_quant(x, bits, self.kernels)
 
     def extra_repr(self) -> str:
         return self._quant_repr()

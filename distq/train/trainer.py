@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
-from tqdm import tqdm
 
 from distq.checkpoint import FORMAT_VERSION, CheckpointError, Found, atomic_write, load_tensors, load_weights
 from distq.config import DistqConfig, config_from_dict, to_dict
@@ -24,9 +23,12 @@ from distq.data import build_loaders
 from distq.data.bundle import epoch_seed
 from distq.data.order import configured_layout
 from distq.distributed import TeamModule, build_engine, detect
+from distq.distributed.engine import use_device
 from distq.models.team import build_team, main_model_name
+from distq.progress import Progress
 from distq.quant.layers import QAct, quant_layers
 from distq.train.checkpointing import Checkpointing, resume_layout
+from distq.train.compiling import compile_models
 from distq.train.evaluation import evaluate_counts, metrics_from_counts
 from distq.train.optim import build_optimizer, param_groups
 from distq.train.preemption import Preempted, PreemptionFlag
@@ -66,6 +68,8 @@ class Trainer:
         for name, params in self.controller.aux_parameters().items():
             groups.append({"params": params, "weight_decay": cfg.train.weight_decay, "base_lr": cfg.train.lr, "model": AUX_GROUP + name})
         extra = nn.ModuleDict(self.controller.aux)
+        if cfg.train.compile:
+            compile_models(self.models, use_device(self.env), self.env.world == 1)
         self.engine = build_engine(TeamModule(self.models, extra), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, self.layout, self.env)
         self.controller.when_aux_removed(lambda: self.engine.freeze_groups(AUX_GROUP))
         self.epoch = 0  # completed epochs
@@ -189,19 +193,21 @@ class Trainer:
         self.data.start_epoch(epoch, first_step)
         self.engine.team.train()
         accum, every = self.layout.grad_accum, self.cfg.log.every_steps
-        bar = tqdm(
-            self.data.train,
-            desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-            total=(self.steps_per_epoch - first_step) * accum,
-            disable=not (self.cfg.log.progress and self.is_main),
+        # A bar on a terminal; in a log file (SLURM), one plain line each time the loss is logged.
+        bar = Progress(
+            self.steps_per_epoch,
+            f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+            every=every,
+            unit="step",
+            initial=first_step,
+            enabled=self.cfg.log.progress and self.is_main,
             leave=False,
-            dynamic_ncols=True,
         )
         running = {name: torch.zeros((), device=self.engine.device) for name in self.models}
         logged_at = started_at = self.step
         started = time.perf_counter()
         save_every = self.cfg.run.save_every_steps
-        for i, (images, labels, indices) in enumerate(bar):
+        for i, (images, labels, indices) in enumerate(self.data.train):
             if i % accum == 0:
                 factor = lr_factor(self.step, self.steps_per_epoch, self.cfg.train)
                 self.engine.set_lr(factor)
@@ -217,7 +223,8 @@ class Trainer:
             if self.controller.edits_weights:
                 self.engine.weights_changed()
             self.step += 1
-            if self.step % every == 0 or self.epoch_step == self.steps_per_epoch:
+            loss_logged = self.step % every == 0 or self.epoch_step == self.steps_per_epoch
+            if loss_logged:
                 values = {name: r.item() / (self.step - logged_at) for name, r in running.items()}
                 logged_at = self.step
                 for r in running.values():
@@ -228,6 +235,7 @@ class Trainer:
                 self.log.scalar("lr", self.cfg.train.lr * factor, self.step)
                 self.log.scalars(self.controller.scalars(), self.step)
                 bar.set_postfix(loss=f"{values[self.main]:.3f}")
+            bar.update(line=loss_logged)  # plain lines (no terminal) carry the loss just logged
             if self.engine.should_stop(self.preemption.raised):
                 self.save()
                 raise Preempted(

@@ -103,3 +103,15 @@ def test_gpu_profile_without_a_gpu_says_so():
     proc = run("gpu_profile.py", timeout=120)
     assert proc.returncode == 2
     assert "gpu_profile.py needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_shard_loading_writes_its_section(report, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    env = {**ENV, "DISTQ_CACHE": str(tmp_path / "cache")}
+    args = ["--images", "128", "--batch-size", "16", "--workers", "1", "--rounds", "1", "--shard-size", "2MB", "--report", str(report)]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "shard_loading.py"), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    text = report.read_text()
+    assert "their numbers" in text and sum(s.startswith("## Training data loading: shards vs folders") for s in sections(report)) == 1
+    assert "| dali | shards |" in text and "| torchvision | folders |" in text and "x fewer** (target >= 1000x)" in text

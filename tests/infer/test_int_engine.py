@@ -19,15 +19,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from distq.config.schema import ModelConfig, QuantConfig
 from distq.export.exporter import export_model
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode
 from distq.infer.engine import build_engine
 from distq.infer.layers import BitConv2d, BitLinear, CodedActivation, IntAct, coded
 from distq.infer.verify import exact_reference
-from distq.models.build import build_model
-from distq.quant.layers import QAct, quant_layers
+from distq.quant.layers import QAct
 
 CASES = [
     ("dorefa", 1, 1),
@@ -42,29 +40,6 @@ CASES = [
 ]
 
 
-def _model(method, w_bits, a_bits, small_input=True, per_channel=False, seed=0):
-    torch.manual_seed(seed)
-    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, method=method, per_channel=per_channel)
-    model = build_model(ModelConfig(arch="resnet18", width=8, small_input=small_input), quant, 10)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2) if method == "aqe" else m.bias.data.uniform_(0.2, 0.6)
-    for _, layer in quant_layers(model):
-        layer.alpha = 1.0  # the end of the AQE schedule: only the hard quantizer (what is exported)
-    return model.eval()
-
-
-def _header(image_size=32):
-    return {
-        "model": {"arch": "resnet18", "width": 8, "small_input": image_size == 32, "num_classes": 10},
-        "preprocess": {"image_size": image_size},
-        "classes": [f"c{i}" for i in range(10)],
-    }
-
-
 def _record_acts(model, kind):
     """Capture every quantized activation's output, by module name."""
     seen = {}
@@ -76,9 +51,10 @@ def _record_acts(model, kind):
     return seen
 
 
-def _run_both(model, dtype, image_size=32, n=4):
-    export, _ = export_model(model, _header(image_size))
-    engine = build_engine(export, dtype)
+def _run_both(model, header, dtype, n=4, kernels="auto"):
+    image_size = header["preprocess"]["image_size"]
+    export, _ = export_model(model, header)
+    engine = build_engine(export, dtype, kernels=kernels)
     reference = copy.deepcopy(model)
     if dtype == torch.float64:
         exact_reference(reference)  # the exported codes' exact values
@@ -91,9 +67,15 @@ def _run_both(model, dtype, image_size=32, n=4):
     return expected, got, ref_acts, eng_acts, engine
 
 
-@pytest.mark.parametrize("method,w_bits,a_bits", CASES)
-def test_float64_engine_is_integer_exact(method, w_bits, a_bits):
-    expected, got, ref_acts, eng_acts, engine = _run_both(_model(method, w_bits, a_bits), torch.float64)
+@pytest.mark.parametrize(
+    "method,w_bits,a_bits,kernels",
+    # The default kernels (native where they build) on every case; the torch reference kernels
+    # on two (test_native_engine.py shows both compute the same bits everywhere).
+    [(*case, "auto") for case in CASES] + [("dorefa", 2, 2, "reference"), ("aqe", 1, 2, "reference")],
+)
+def test_float64_engine_is_integer_exact(random_resnet, resnet_header, method, w_bits, a_bits, kernels):
+    model = random_resnet(method, w_bits, a_bits)
+    expected, got, ref_acts, eng_acts, engine = _run_both(model, resnet_header(), torch.float64, kernels=kernels)
     assert set(ref_acts) == set(eng_acts) and len(ref_acts) == 16
     for name, value in ref_acts.items():
         assert torch.equal(value, eng_acts[name]), f"{name}: {(value != eng_acts[name]).sum()} activations differ"
@@ -110,33 +92,37 @@ def _codes(acts: dict, method: str, a_bits: int) -> dict:
 
 
 @pytest.mark.parametrize("method,w_bits,a_bits", CASES)
-def test_float32_engine_keeps_the_exact_integers(method, w_bits, a_bits):
+def test_float32_engine_keeps_the_exact_integers(random_resnet, resnet_header, method, w_bits, a_bits):
     """In float32 the engine still computes the integers of the exact (float64) quantized
     network; the float32 fake-quantized model is the one that rounds activations on a
     quantization boundary the other way. (Predictions are compared on trained models in
     test_int_agreement.py: untrained models have near-tied logits.)"""
-    model = _model(method, w_bits, a_bits)
-    _, exact, exact_acts, _, _ = _run_both(model, torch.float64, n=8)
-    _, got, _, eng_acts, _ = _run_both(model, torch.float32, n=8)
+    model = random_resnet(method, w_bits, a_bits)
+    _, exact, exact_acts, _, _ = _run_both(model, resnet_header(), torch.float64, n=8)
+    _, got, _, eng_acts, _ = _run_both(model, resnet_header(), torch.float32, n=8)
     exact_codes, got_codes = _codes(exact_acts, method, a_bits), _codes(eng_acts, method, a_bits)
     differ = sum((v != got_codes[k]).sum().item() for k, v in exact_codes.items())
     assert differ <= 1e-4 * sum(v.numel() for v in exact_codes.values())
     torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4)
 
 
-def test_per_channel_dorefa_weights():
-    expected, got, ref_acts, eng_acts, _ = _run_both(_model("dorefa", 1, 2, per_channel=True), torch.float64)
+def test_per_channel_dorefa_weights(random_resnet, resnet_header):
+    model = random_resnet("dorefa", 1, 2, per_channel=True)
+    expected, got, ref_acts, eng_acts, _ = _run_both(model, resnet_header(), torch.float64)
     assert all(torch.equal(v, eng_acts[k]) for k, v in ref_acts.items())
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_imagenet_stem_max_pool_keeps_activations_integer():
+def test_imagenet_stem_max_pool_keeps_activations_integer(random_resnet, resnet_header):
     """Stem QAct -> max-pool -> first block: the pooled activation must still reach the
     block's convs as integers."""
-    expected, got, ref_acts, eng_acts, engine = _run_both(
-        _model("dorefa", 2, 2, small_input=False), torch.float64, image_size=64, n=2
-    )
-    assert all(torch.equal(v, eng_acts[k]) for k, v in ref_acts.items())
+    model = random_resnet("dorefa", 2, 2, small_input=False)
+    expected, got, ref_acts, eng_acts, engine = _run_both(model, resnet_header(64), torch.float64, n=2)
+    # The native engine pools the stem's activation in the stem's own native call: that
+    # activation module is then not called (test_native_engine.py compares the pool's output).
+    fused_away = {name for chain in engine.fused for name in chain[1:-1]}
+    assert set(ref_acts) - set(eng_acts) == fused_away
+    assert all(torch.equal(v, eng_acts[k]) for k, v in ref_acts.items() if k not in fused_away)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert engine.layer_modes()["layer1.0.conv1"] == {"bit": 1, "float": 0}
 
@@ -173,16 +159,10 @@ def test_quantized_conv_takes_float_input_with_its_dequantized_weight():
 
 
 @pytest.mark.slow
-def test_alexnet_runs_its_first_classifier_layer_on_float_features():
+def test_alexnet_runs_its_first_classifier_layer_on_float_features(random_alexnet):
     """AlexNet keeps its final feature activation full precision, so classifier.1 is a
     quantized linear on float input, and classifier.4 one on integers."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="alexnet", small_input=True), QuantConfig(w_bits=2, a_bits=2), 10).eval()
-    header = {
-        "model": {"arch": "alexnet", "width": 64, "small_input": True, "num_classes": 10},
-        "preprocess": {"image_size": 32},
-        "classes": [str(i) for i in range(10)],
-    }
+    model, header = random_alexnet()
     export, summary = export_model(model, header)
     assert summary.ratio <= 1.05 * 2 / 32
     engine = build_engine(export, torch.float64)
@@ -208,8 +188,8 @@ def test_int_act_outputs_integers_behind_exact_values():
     assert type(out + 1) is torch.Tensor  # any float op drops the integers
 
 
-def test_a_header_that_does_not_fit_the_architecture_is_rejected():
-    export, _ = export_model(_model("dorefa", 2, 2), _header())
+def test_a_header_that_does_not_fit_the_architecture_is_rejected(random_resnet, resnet_header):
+    export, _ = export_model(random_resnet("dorefa", 2, 2), resnet_header())
     missing = copy.deepcopy(export)
     del missing.header["layers"]["layer3.1.conv2"]
     with pytest.raises(ExportError, match=r"is incomplete: no record for layer\(s\) layer3.1.conv2"):

@@ -155,16 +155,16 @@ def test_two_machines_on_localhost_train_together(tmp_path, digits_root, distq_c
 
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
-def test_cpu_2proc_trains_guided_w4a4_to_96(tmp_path, digits_root, distq_cache):
-    """The accuracy check of the issue: accelerate launch --config_file cpu_2proc.yaml, guided W4A4.
+def test_cpu_2proc_trains_guided_w4a4_to_97(tmp_path, digits_root, distq_cache):
+    """accelerate launch --config_file cpu_2proc.yaml, guided W4A4 with SyncBN.
 
     data.batch_size=32 per process keeps the recipe's global batch of 64 (and its 22 steps per
-    epoch); at 2 x 64 the same 15 epochs make half the steps and end near 91.5%.
+    epoch). tests/distributed/test_scaling_accuracy.py checks three seeds against 97%.
     """
     run_dir = tmp_path / "run"
     args = [
         "launchers/accelerate/cpu_2proc.yaml", "configs/digits_resnet18_w4a4_guided.yaml",
-        "data.batch_size=32", "data.workers=0", "log.progress=false", f"run.dir={run_dir}",
+        "data.batch_size=32", "dist.sync_bn=true", "data.workers=0", "log.progress=false", f"run.dir={run_dir}",
     ]  # fmt: skip
     done = subprocess.run(
         ["bash", LAUNCH_SH, *args], cwd=REPO_ROOT, env=launch_env(distq_cache), capture_output=True, text=True, timeout=7000
@@ -173,4 +173,4 @@ def test_cpu_2proc_trains_guided_w4a4_to_96(tmp_path, digits_root, distq_cache):
     results = json.loads((run_dir / "results.json").read_text())
     print(json.dumps(results))
     assert (results["world_size"], results["epochs"], results["steps"]) == (2, 15, 15 * 22)
-    assert results["val/top1"] >= 96.0, results
+    assert results["val/top1"] >= 97.0, results

@@ -250,18 +250,12 @@ def test_quantized_layers_equal_the_reference_network(w_bits, a_bits, per_channe
         assert torch.equal(p.grad, params[name].grad), name
 
 
-COMPILED_CUDA_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="torch 2.11 on an H200 (2026-11-30): the compiled activation quantizer's gradient came out all "
-    "zero (a compiled W4A4 ResNet-50 left 157 parameters without gradient); eager CUDA is exact",
-)
-
-
-@pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NO_CUDA, COMPILED_CUDA_BUG])))
+@pytest.mark.parametrize("device", DEVICES)
 def test_compiled_quantizers_equal_reference(device):
     """The quantizers under torch.compile. Activations: the same to the bit. Weights: the compiler reorders the
-    gradient's sums, so gradients agree to float32 rounding. distq does not compile its
-    models (no option for it): on CUDA this fails, see COMPILED_CUDA_BUG."""
+    gradient's sums, so gradients agree to float32 rounding. On CUDA the quantizer distq used
+    before its custom operators gave an all-zero compiled gradient (torch 2.11, H200):
+    tests/gpu/compiled_act_quant_repro.py reproduces that pattern without distq."""
     torch._dynamo.reset()
     x = (1.5 * torch.randn(4, 16, 9, 9, generator=torch.Generator().manual_seed(0)) + 0.4).to(device)
     assert_same(torch.compile(lambda v: act_quant(v, 4)), lambda v: ref_act(v, 4), x)

@@ -32,8 +32,8 @@ def test_default_job_switched_from_two_processes_to_one_keeps_its_accuracy(tmp_p
     finished on 1 process (32 images x 2 accumulation steps): it still reaches 96%."""
     run_dir = tmp_path / "run"
     args = ("train", "configs/digits_w4a4.yaml", "data.batch_size=32", "data.workers=0", "log.progress=false", "log.samples=true", f"run.dir={run_dir}")
-    assert torchrun(2, *args, log=tmp_path / "two.log", env={"DISTQ_KILL_AT": "after-commit@7"}) != 0
-    assert torchrun(1, *args, "--resume", "auto", log=tmp_path / "one.log") == 0, (tmp_path / "one.log").read_text()[-3000:]
+    assert torchrun(2, *args, log=tmp_path / "two.log", env={"DISTQ_KILL_AT": "after-commit@7"}, timeout=3000) != 0
+    assert torchrun(1, *args, "--resume", "auto", log=tmp_path / "one.log", timeout=3000) == 0, (tmp_path / "one.log").read_text()[-3000:]
     log = (tmp_path / "one.log").read_text()
     assert "at epoch 7, step 154; written by 2 process(es), now 32 images per process x 2 accumulation steps x 1 process, global batch 64 kept" in log
     results = json.loads((run_dir / "results.json").read_text())

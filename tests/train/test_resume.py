@@ -4,7 +4,7 @@
   write) and resumed ends bitwise equal to the uninterrupted run;
 - a run resumed on another number of processes (2 -> 1 mid-epoch, 1 -> 2, 2 -> 3) completes and
   uses every training sample exactly once per epoch across the switch (the per-sample log);
-- DALI resumes mid-epoch bitwise too;
+- DALI, and the torchvision loader reading shards, resume mid-epoch bitwise too;
 - damaged checkpoints are passed over in one line or refused in one line, never half-loaded.
 """
 
@@ -196,12 +196,18 @@ def test_a_resumed_run_keeps_its_global_batch_or_says_why_it_cannot(tmp_path, to
     ) in log.read_text().splitlines()
 
 
-# --- DALI ------------------------------------------------------------------------------------
+# --- DALI, shards ----------------------------------------------------------------------------
 
 
-def test_dali_run_killed_mid_epoch_resumes_bitwise(tmp_path, tiny_args, run_distq, checkpoint_of, same_state, digits_root):
-    pytest.importorskip("nvidia.dali")
-    overrides = ("data.loader=dali", "train.epochs=2", "run.save_every_steps=3", "log.tensorboard=false", "seed=2")
+@pytest.mark.parametrize("data", ["dali", "shards-torchvision"])
+def test_run_killed_mid_epoch_resumes_bitwise(tmp_path, tiny_args, run_distq, checkpoint_of, same_state, digits_root, request, data):
+    """DALI's reader, and the torchvision loader reading shards (``data.format=shards``), resume mid-epoch bitwise."""
+    if data == "dali":
+        pytest.importorskip("nvidia.dali")
+        source = ("data.loader=dali",)
+    else:
+        source = ("data.format=shards", f"data.root={request.getfixturevalue('digits_shards')}")
+    overrides = (*source, "train.epochs=2", "run.save_every_steps=3", "log.tensorboard=false", "seed=2")
     reference = run_distq(*tiny_args(tmp_path / "reference", *overrides))
     assert reference.returncode == 0, reference.stderr
     killed = run_distq(*tiny_args(tmp_path / "killed", *overrides), env={"DISTQ_KILL_AT": "after-commit@1.5"})

@@ -1,0 +1,337 @@
+"""Fused Triton kernels of the quantizers (``quant.kernels: triton``; ``auto`` on CUDA tensors).
+
+One kernel per elementwise pass, one per reduction. Each kernel performs the float operations
+of the eager formulas in ``distq.quant.eager`` in the same order, each rounded to the tensor's
+dtype as PyTorch rounds it (bf16 inputs: computed in fp32, rounded to bf16 after every
+operation), and FMA fusion is disabled at launch, so forward outputs are bit-for-bit those
+of the eager code on every device. Only the reductions of the weight quantizer's backward
+sum in another order (a few units in the last place).
+
+Division by a Python number follows the device's PyTorch: on CUDA, ``tensor / scalar`` is
+``tensor * (1 / scalar)`` with the reciprocal rounded to fp32 (ATen's ``div_true_kernel_cuda``
+does this "optimization"); on the CPU it is a true division. ``_divide`` does what the tensor's
+device does, so the kernels stay bit-exact on both.
+
+Rounding half to even is the float trick ``(v + 1.5 * 2^m) - 1.5 * 2^m`` (m = 23 in fp32,
+52 in fp64), exact for |v| < 2^(m-1): libdevice's ``rint`` does not run under Triton's CPU
+interpreter (``TRITON_INTERPRET=1``), which the default test suite uses.
+
+``tanh`` and the mean-based scales (binary weights' mean|w|, AQE's ternary threshold) are
+computed by PyTorch before the kernels: PyTorch's own ``tanh`` and summation order are part
+of the reference, and the interpreter has no ``tanh``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+ROW_BLOCK = 1024
+NO_FMA = {"enable_fp_fusion": False}  # an FMA rounds once where PyTorch rounds twice
+
+
+def _magic(dtype: torch.dtype) -> float:
+    return 1.5 * 2.0**52 if dtype == torch.float64 else 1.5 * 2.0**23
+
+
+def _compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _grid(n: int):
+    return (triton.cdiv(n, BLOCK),)
+
+
+@triton.jit
+def _round_to(v, out_dtype: tl.constexpr, compute: tl.constexpr):
+    """``v`` (fp32) rounded to ``out_dtype``, kept in fp32 (a no-op for fp32). bf16: round to
+    nearest even on the bits, written out because Triton's CPU interpreter truncates instead."""
+    if out_dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _rint(v, magic):
+    return (v + magic) - magic
+
+
+@triton.jit
+def _divide(v, divisor, reciprocal, RECIPROCAL: tl.constexpr):
+    """v / divisor as PyTorch computes a tensor divided by a Python number on this device."""
+    if RECIPROCAL:
+        return v * reciprocal
+    return v / divisor
+
+
+def _scalar_division(x: torch.Tensor, divisor: float) -> dict:
+    """The arguments of ``_divide`` for a tensor on ``x``'s device."""
+    import numpy as np
+
+    return {"RECIPROCAL": x.is_cuda, "reciprocal": float(np.float32(1.0) / np.float32(divisor))}
+
+
+# --- activations ------------------------------------------------------------------------
+
+
+@triton.jit
+def _act_forward(x_ptr, y_ptr, mask_ptr, n, levels, reciprocal, magic, NEED_MASK: tl.constexpr, RECIPROCAL: tl.constexpr,
+                 COMPUTE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0)
+    out_dtype = x.dtype
+    v = x.to(COMPUTE)
+    clamped = tl.minimum(tl.maximum(v, 0.0), 1.0)
+    t = _round_to(clamped * levels, out_dtype, COMPUTE)
+    y = _divide(_rint(t, magic), levels, reciprocal, RECIPROCAL)
+    tl.store(y_ptr + offs, _round_to(y, out_dtype, COMPUTE).to(out_dtype), mask=inb)
+    if NEED_MASK:
+        tl.store(mask_ptr + offs, (clamped == v).to(tl.uint8), mask=inb)
+
+
+@triton.jit
+def _masked_grad(g_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """g * mask (mask: 0/1 bytes), in g's dtype: the product with 0 or 1 is exact."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0)
+    keep = tl.load(mask_ptr + offs, mask=inb, other=0)
+    tl.store(out_ptr + offs, tl.where(keep != 0, g, tl.zeros_like(g)), mask=inb)
+
+
+def act_quant_forward(x: torch.Tensor, bits: int, need_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    mask = torch.empty(x.shape if need_mask else (0,), dtype=torch.uint8, device=x.device)
+    n = x.numel()
+    if n:
+        levels = float((1 << bits) - 1)
+        _act_forward[_grid(n)](x, y, mask, n, levels, magic=_magic(x.dtype), NEED_MASK=need_mask, COMPUTE=_compute_dtype(x.dtype),
+                               BLOCK=BLOCK, **_scalar_division(x, levels), **NO_FMA)  # fmt: skip
+    return y, mask
+
+
+def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    grad = grad.contiguous()
+    out = torch.empty_like(grad)
+    n = grad.numel()
+    if n:
+        _masked_grad[_grid(n)](grad, mask, out, n, BLOCK=BLOCK, **NO_FMA)
+    return out
+
+
+# --- DoReFa k-bit weights -------------------------------------------------------------------
+
+
+@triton.jit
+def _row_max_abs(t_ptr, s_ptr, row_len, ROW_BLOCK: tl.constexpr):
+    """s[row] = max |t| over the row, 1 where that is 0 (an all-zero channel)."""
+    row = tl.program_id(0)
+    best = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
+    for start in range(0, row_len, ROW_BLOCK):
+        offs = start + tl.arange(0, ROW_BLOCK)
+        t = tl.load(t_ptr + row * row_len + offs, mask=offs < row_len, other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.abs(t))
+    s = tl.max(best, axis=0)
+    s = tl.where(s == 0.0, 1.0, s)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _dorefa_forward(t_ptr, s_ptr, q_ptr, n, row_len, levels, half_levels, reciprocal, magic, RECIPROCAL: tl.constexpr,
+                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """q = round((t / (2 s) + 1/2) * levels) / (levels / 2) - 1, each step rounded as eager."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    t_raw = tl.load(t_ptr + offs, mask=inb, other=0.0)
+    out_dtype = t_raw.dtype
+    t = t_raw.to(COMPUTE)
+    s = tl.load(s_ptr + offs // row_len, mask=inb, other=1.0).to(COMPUTE)
+    q = _round_to(t / (2.0 * s), out_dtype, COMPUTE)
+    q = _round_to(q + 0.5, out_dtype, COMPUTE)
+    q = _round_to(q * levels, out_dtype, COMPUTE)
+    q = _round_to(_divide(_rint(q, magic), half_levels, reciprocal, RECIPROCAL), out_dtype, COMPUTE)
+    tl.store(q_ptr + offs, _round_to(q - 1.0, out_dtype, COMPUTE).to(out_dtype), mask=inb)
+
+
+@triton.jit
+def _dorefa_backward_sums(t_ptr, s_ptr, g_ptr, sums_ptr, row_len, ROW_BLOCK: tl.constexpr):
+    """Per row: sum((t / d) / d * g) and the number of peaks (|t| == s); d = 2 s. Each term is
+    rounded to the dtype as the eager code's in-place buffer rounds it; the sum is in fp32."""
+    row = tl.program_id(0)
+    s = tl.load(s_ptr + row).to(tl.float32)
+    d = 2.0 * s
+    acc = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
+    peaks = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
+    for start in range(0, row_len, ROW_BLOCK):
+        offs = start + tl.arange(0, ROW_BLOCK)
+        inb = offs < row_len
+        t_raw = tl.load(t_ptr + row * row_len + offs, mask=inb, other=0.0)
+        dtype = t_raw.dtype
+        t = t_raw.to(tl.float32)
+        g = tl.load(g_ptr + row * row_len + offs, mask=inb, other=0.0).to(tl.float32)
+        term = _round_to(_round_to(t / d, dtype, tl.float32) / d, dtype, tl.float32)
+        acc += _round_to(term * g, dtype, tl.float32)
+        peaks += tl.where(inb & (tl.abs(t) == s), 1.0, 0.0)
+    tl.store(sums_ptr + 2 * row, tl.sum(acc, axis=0))
+    tl.store(sums_ptr + 2 * row + 1, tl.sum(peaks, axis=0))
+
+
+@triton.jit
+def _dorefa_backward(t_ptr, s_ptr, g_ptr, share_ptr, out_ptr, n, row_len, FMA_IN_FP64: tl.constexpr, COMPUTE: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    """dL/dw = (share * sign(t) at the peaks + g / s) * (1 - t^2), rounded as eager rounds it:
+    ``addcdiv`` once (in fp32, then to the dtype), ``tanh_backward`` as ``g * fma(-t, t, 1)``
+    (PyTorch's compiled kernel contracts 1 - t t into one FMA) then once to the dtype. The
+    interpreter's ``tl.fma`` rounds twice; there the product is taken exactly in fp64 instead."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    g_raw = tl.load(g_ptr + offs, mask=inb, other=0.0)
+    out_dtype = g_raw.dtype
+    g = g_raw.to(COMPUTE)
+    t = tl.load(t_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
+    row = offs // row_len
+    s = tl.load(s_ptr + row, mask=inb, other=1.0).to(COMPUTE)
+    share = tl.load(share_ptr + row, mask=inb, other=0.0).to(COMPUTE)
+    peak = tl.abs(t) == s
+    signed = tl.where(t < 0.0, -share, share)
+    grad_t = _round_to(tl.where(peak, signed, 0.0) + g / s, out_dtype, COMPUTE)
+    if FMA_IN_FP64:
+        wide = t.to(tl.float64)
+        one_minus_t2 = (1.0 - wide * wide).to(COMPUTE)
+    else:
+        one_minus_t2 = tl.fma(-t, t, 1.0)
+    tl.store(out_ptr + offs, _round_to(grad_t * one_minus_t2, out_dtype, COMPUTE).to(out_dtype), mask=inb)
+
+
+def _rows(w: torch.Tensor, per_channel: bool) -> int:
+    return w.shape[0] if per_channel and w.dim() > 1 else 1
+
+
+def _scale_shape(w: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
+    return (w.shape[0],) + (1,) * (w.dim() - 1) if per_channel and w.dim() > 1 else ()
+
+
+def dorefa_forward(t: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) from t = tanh(w): s has the eager code's shape (keepdim per channel, 0-dim per tensor)."""
+    t = t.contiguous()
+    rows = _rows(t, per_channel)
+    s = torch.empty(rows, dtype=torch.float32, device=t.device)
+    n = t.numel()
+    _row_max_abs[(rows,)](t, s, n // rows, ROW_BLOCK=ROW_BLOCK, **NO_FMA)
+    s = s.to(t.dtype)  # the max of |t| is one of its elements: exact in t's dtype
+    q = torch.empty_like(t)
+    levels = (1 << bits) - 1
+    _dorefa_forward[_grid(n)](t, s, q, n, n // rows, float(levels), levels / 2, magic=_magic(t.dtype), COMPUTE=_compute_dtype(t.dtype),
+                              BLOCK=BLOCK, **_scalar_division(t, levels / 2), **NO_FMA)  # fmt: skip
+    return q, s.view(_scale_shape(t, per_channel))
+
+
+def dorefa_backward(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    grad, t = grad.contiguous(), t.contiguous()
+    rows = _rows(t, per_channel)
+    n = t.numel()
+    flat_s = s.reshape(rows).contiguous()
+    sums = torch.empty(rows, 2, dtype=torch.float32, device=t.device)
+    _dorefa_backward_sums[(rows,)](t, flat_s, grad, sums, n // rows, ROW_BLOCK=ROW_BLOCK, **NO_FMA)
+    # As eager: the sum rounded to the dtype, times -4, over the number of peaks (at least 1).
+    share = -4 * sums[:, 0].to(t.dtype) / sums[:, 1].to(t.dtype).clamp_min(1)
+    out = torch.empty_like(grad)
+    _dorefa_backward[_grid(n)](t, flat_s, grad, share, out, n, n // rows, FMA_IN_FP64=os.environ.get("TRITON_INTERPRET") == "1",
+                               COMPUTE=_compute_dtype(t.dtype), BLOCK=BLOCK, **NO_FMA)  # fmt: skip
+    return out
+
+
+# --- binary weights and AQE -------------------------------------------------------------------
+
+
+@triton.jit
+def _binary_forward(w_ptr, e_ptr, q_ptr, n, row_len, BLOCK: tl.constexpr):
+    """E * sign(w), sign(0) = +1."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+    e = tl.load(e_ptr + offs // row_len, mask=inb, other=0.0).to(tl.float32)  # exact; negated in fp32
+    tl.store(q_ptr + offs, tl.where(w.to(tl.float32) >= 0, e, -e).to(w.dtype), mask=inb)
+
+
+@triton.jit
+def _inside_unit(x_ptr, mask_ptr, n, BLOCK: tl.constexpr):
+    """1 where |x| <= 1 (the straight-through window of binary weights and AQE)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    tl.store(mask_ptr + offs, (tl.abs(x) <= 1.0).to(tl.uint8), mask=inb)
+
+
+def binary_forward(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    w = w.contiguous()
+    q = torch.empty_like(w)
+    n = w.numel()
+    rows = scale.numel()
+    _binary_forward[_grid(n)](w, scale.reshape(rows).contiguous(), q, n, n // rows, BLOCK=BLOCK, **NO_FMA)
+    return q
+
+
+def inside_unit(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    n = x.numel()
+    if n:
+        _inside_unit[_grid(n)](x, mask, n, BLOCK=BLOCK, **NO_FMA)
+    return mask
+
+
+@triton.jit
+def _aqe_forward(x_ptr, thr_ptr, y_ptr, mask_ptr, n, row_len, alpha, one_minus_alpha, BITS: tl.constexpr, MIX: tl.constexpr,
+                 NEED_MASK: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """alpha * h(x) + (1 - alpha) * x; h: sign (1 bit), ternary with the threshold given per
+    row (2 bits), or the nearest power-of-two level 1, 1/2, ... (>= 3 bits)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    x_raw = tl.load(x_ptr + offs, mask=inb, other=0.0)
+    out_dtype = x_raw.dtype
+    x = x_raw.to(COMPUTE)
+    sign = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
+    if BITS == 1:
+        hard = tl.where(x >= 0.0, 1.0, -1.0)
+    elif BITS == 2:
+        threshold = tl.load(thr_ptr + offs // row_len, mask=inb, other=0.0).to(COMPUTE)
+        hard = sign * tl.where(tl.abs(x) > threshold, 1.0, 0.0)
+    else:
+        mag = tl.minimum(tl.abs(x), 1.0)
+        level = tl.zeros_like(mag)
+        below = 0.0
+        for p in tl.static_range((1 << (BITS - 1)) - 2, -1, -1):  # levels 2^-p from the smallest up
+            value = 1.0 / (1 << p)
+            level = tl.where(mag >= (below + value) / 2, value, level)
+            below = value
+        hard = sign * level
+    if MIX:
+        y = _round_to(_round_to(alpha * hard, out_dtype, COMPUTE) + _round_to(one_minus_alpha * x, out_dtype, COMPUTE), out_dtype, COMPUTE)
+    else:
+        y = hard
+    tl.store(y_ptr + offs, _round_to(y, out_dtype, COMPUTE).to(out_dtype), mask=inb)
+    if NEED_MASK:
+        tl.store(mask_ptr + offs, (tl.abs(x) <= 1.0).to(tl.uint8), mask=inb)
+
+
+def aqe_forward(x: torch.Tensor, bits: int, alpha: float, threshold: torch.Tensor | None, need_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, mask); ``threshold``: 0.5 * mean|x| per row (2 bits only), computed by the caller."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    mask = torch.empty(x.shape if need_mask else (0,), dtype=torch.uint8, device=x.device)
+    n = x.numel()
+    rows = threshold.numel() if threshold is not None else 1
+    thr = threshold.reshape(rows).contiguous() if threshold is not None else x.new_zeros(1)
+    if n:
+        _aqe_forward[_grid(n)](x, thr, y, mask, n, n // rows, alpha, 1.0 - alpha, BITS=bits, MIX=alpha != 1.0, NEED_MASK=need_mask,
+                               COMPUTE=_compute_dtype(x.dtype), BLOCK=BLOCK, **NO_FMA)  # fmt: skip
+    return y, mask
