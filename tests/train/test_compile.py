@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from distq.config import load_config
-from distq.controller import Clock, Event, PrecisionController, Student
+from distq.controller import Clock, Event, PrecisionController
 from distq.models.build import build_model
-from distq.train.team import build_objective, build_team
+from distq.models.team import Member, build_team
+from distq.train.team import build_objective
 
 
 def small_config(*overrides: str):
@@ -82,7 +83,7 @@ def test_a_progressive_schedule_recompiles_once_per_precision_state():
     cfg = small_config("precision.progressive={w_bits: [32, 8, 4], a_bits: [32, 8, 4], stages: [3ba, 3ba]}", "quant.w_bits=4")
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.quant, 10).train()
-    controller = PrecisionController(cfg, Clock(5, 20), [Student("model", model, 4, 4)])
+    controller = PrecisionController(cfg, Clock(5, 20), [Member("model", 4, 4, cfg.train.lr, model)])
     graphs = []
 
     def counting_backend(gm, example_inputs):
