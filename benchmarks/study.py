@@ -1,6 +1,14 @@
-"""Method study: every training method of distq on the embedded digits, at W2A2 and W1A1.
+"""Method study: every training method of distq on the embedded digits, under two protocols.
 
-    python benchmarks/study.py [--seeds 3] [--epochs 6] [--width 8] [--threads 1]
+    python benchmarks/study.py [--protocol scratch] [--seeds 3] [--epochs 6] [--width 8] [--threads 1]
+    python benchmarks/study.py --protocol finetune [--seeds 3] [--epochs 6] [--finetune-epochs 4] [--width 8]
+
+``scratch`` (the default) trains every method from random weights at W2A2 and W1A1.
+``finetune`` follows the papers' protocol: per seed, the full-precision model is trained once
+(configs/digits_fp.yaml, ``--epochs``), and every method starts from that checkpoint at W4A4, W2A2
+and W1A1 with its configs/digits_*_finetune.yaml recipe (``--finetune-epochs``): direct low-bit
+fine-tuning (the control), two-stage, progressive, stochastic precision, guided (guide and
+student from the FP model), auxiliary branch, cyclic and AQE.
 
 Trains, one run after the other through the CLI (``python -m distq train RECIPE KEY=VALUE ...``),
 each method's configs/digits_* recipe with overrides for bits, seed, epochs and width:
@@ -10,9 +18,12 @@ training and AQE. Schedules given in epochs by the recipes are rescaled to the s
 fraction of the shorter run. Full precision has no bits, so it runs once per seed and
 appears in both tables.
 
-Collects the final val top-1 (mean +- sample std over seeds) and the wall time per run, and
-writes (or replaces) the '## Method study' section of BENCHMARKS.md with the table, the
-command, the machine and a short reading of the numbers. A run whose run dir already holds
+Collects the final val top-1 (mean +- sample std over seeds) and the time per run, and
+writes (or replaces) the protocol's section of BENCHMARKS.md ('## Method study' or
+'## Method study: fine-tuning from full precision') with the table, the command, the machine
+and a short reading of the numbers. A study of only some methods writes BENCHMARKS.md only when
+``--benchmarks`` names the file (otherwise it prints the section), so reproducing a few cells
+does not replace the published table. A run whose run dir already holds
 results from the same command line is not trained again (``--fresh`` retrains everything),
 so an interrupted study picks up where it stopped.
 """
@@ -40,6 +51,10 @@ BENCHMARKS = REPO_ROOT / "BENCHMARKS.md"
 SECTION = "## Method study"
 
 BITS = (2, 1)
+FINETUNE_SECTION = "## Method study: fine-tuning from full precision"
+FINETUNE_BITS = (4, 2, 1)
+FINETUNE_MILESTONES = (1 / 2, 5 / 6)
+"""Multistep decays as fractions of the fine-tuning run: the authors' epochs 15 and 25 of 30."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,10 @@ class Method:
     overrides: Callable[[int], list[str]]
     """The recipe's overrides at bit-width k (32 for full precision)."""
     uses_bits: bool = True
+    pretrained_keys: tuple[str, ...] = ("model.pretrained",)
+    """finetune protocol: the keys that receive the full-precision run directory."""
+    multistep: bool = True
+    """finetune protocol: the recipe decays the learning rate at FINETUNE_MILESTONES."""
 
 
 def _bits(k: int) -> list[str]:
@@ -85,6 +104,68 @@ METHODS = [
 ]
 
 
+def _progressive_finetune(k: int) -> list[str]:
+    # The FP model is the sequence's 32-bit stage: from it, 8 -> 4 -> 2 (the recipe), 8 -> 4, or
+    # 4 -> 2 -> 1, in equal parts of the run.
+    sequence, stages = {4: ("[8, 4]", "[0.5dur]"), 2: ("[8, 4, 2]", "[0.3333dur, 0.3333dur]"),
+                        1: ("[4, 2, 1]", "[0.3333dur, 0.3333dur]")}[k]  # fmt: skip
+    return _bits(k) + [f"precision.progressive={{w_bits: {sequence}, a_bits: {sequence}, stages: {stages}}}"]
+
+
+FINETUNE_METHODS = [
+    Method("fp", "full-precision pretraining", "digits_fp.yaml", (lambda k: []), uses_bits=False, pretrained_keys=()),
+    Method("direct", "direct low-bit fine-tuning", "digits_w4a4_finetune.yaml", _bits),
+    Method("ts", "two-stage (TS)", "digits_resnet18_w2a2_two_stage_finetune.yaml", _bits),
+    Method("pq", "progressive (PQ)", "digits_resnet18_w2a2_progressive_finetune.yaml", _progressive_finetune),
+    Method("sp", "stochastic precision (SP)", "digits_resnet18_w2a2_stochastic_finetune.yaml", _bits),
+    Method("guided", "guided (FP guide + student)", "digits_resnet18_w4a4_guided_finetune.yaml",
+           lambda k: _bits(k) + [f"guided.students=[{{w_bits: {k}, a_bits: {k}}}]"],
+           pretrained_keys=("model.pretrained", "guided.guide_pretrained")),
+    Method("aux", "auxiliary FP branch", "digits_resnet18_w2a2_aux_finetune.yaml", _bits),
+    Method("cyclic", "cyclic", "digits_resnet18_w1a1_cyclic_finetune.yaml", _bits),
+    Method("aqe", "AQE (AdamW)", "digits_resnet18_w1a2_aqe_finetune.yaml", _bits, multistep=False),
+]
+
+PAPER_RESULTS = {
+    "direct": "the baseline each paper improves on",
+    "ts": "*Towards Effective Low-bitwidth Convolutional Neural Networks* (arXiv:1711.00205): with PQ and guided "
+          "training, W4A4 AlexNet and ResNet-50 lose nothing against full precision, W2A2 close (abstract; the "
+          "per-method ImageNet table is not in our notes)",
+    "pq": "*Towards Effective Low-bitwidth Convolutional Neural Networks* (arXiv:1711.00205): as TS",
+    "sp": "*Effective Training of Convolutional Neural Networks with Low-bitwidth Weights and Activations* "
+          "(arXiv:1908.04680): a one-stage alternative to TS/PQ at lower training cost (no ImageNet number in our notes)",
+    "guided": "arXiv:1711.00205 and arXiv:1908.04680: W4A4 AlexNet and ResNet-50 with no loss against full "
+              "precision (abstract); authors' recipe: guide and student from the pretrained FP model",
+    "aux": "*Progressive Learning of Low-Precision Networks* (arXiv:1905.11781): faster convergence and higher "
+           "accuracy on SVHN, CIFAR and ILSVRC-2012 (no number in our notes)",
+    "cyclic": "*CTMQ: Cyclic Training of Convolutional Neural Networks with Multiple Quantization Steps* "
+              "(arXiv:2206.12794): binarized ResNet-18 on ImageNet +5.80 top-1 / +6.85 top-5 over its baseline (abstract)",
+    "aqe": "*Propagating Asymptotic-Estimated Gradients for Low Bitwidth Quantized Neural Networks* (arXiv:2003.04296): "
+           "ResNet-18 on ImageNet, top-1 error W1A2 42.16, W1A1 47.87 (XNOR-Net 48.80), full precision 30.46",
+}
+"""Each paper's own claim for its method, for the finetune table (the papers train on ImageNet)."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    bits: tuple[int, ...]
+    methods: list[Method]
+    section: str
+    runs_dir: str
+
+
+PROTOCOLS = {
+    "scratch": Protocol("scratch", BITS, METHODS, SECTION, "study"),
+    "finetune": Protocol("finetune", FINETUNE_BITS, FINETUNE_METHODS, FINETUNE_SECTION, "study_finetune"),
+}
+
+
+def milestones(epochs: int) -> list[int]:
+    """FINETUNE_MILESTONES in whole epochs of a fine-tuning run of ``epochs`` (at least 3)."""
+    return [max(1, min(epochs - 1, round(f * epochs))) for f in FINETUNE_MILESTONES]
+
+
 @dataclass
 class Run:
     method: Method
@@ -95,21 +176,35 @@ class Run:
     def name(self) -> str:
         return f"{self.method.key}" + (f"_w{self.bits}a{self.bits}" if self.bits else "") + f"_seed{self.seed}"
 
+    def fp_dir(self, run_dir: Path) -> Path:
+        """finetune protocol: the run directory of this seed's full-precision pretraining."""
+        return run_dir.with_name(f"fp_seed{self.seed}")
+
     def command(self, args, run_dir: Path) -> list[str]:
+        finetune = getattr(args, "protocol", "scratch") == "finetune" and self.method.uses_bits
+        epochs = args.finetune_epochs if finetune else args.epochs
         overrides = [
-            f"seed={self.seed}", f"train.epochs={args.epochs}", f"model.width={args.width}",
+            f"seed={self.seed}", f"train.epochs={epochs}", f"model.width={args.width}",
             "data.workers=0", "log.progress=false", "log.tensorboard=false", "run.keep_checkpoints=1",
-            *self.method.overrides(self.bits or 32), f"run.dir={run_dir}",
+            *self.method.overrides(self.bits or 32),
         ]
+        if finetune:
+            overrides += [f"{key}={self.fp_dir(run_dir)}" for key in self.method.pretrained_keys]
+            if self.method.multistep:
+                overrides.append(f"train.milestones={milestones(epochs)}")
+        overrides.append(f"run.dir={run_dir}")
         return [sys.executable, "-m", "distq", "train", str(CONFIGS / self.method.recipe), *overrides]
 
 
 def plan_runs(args) -> list[Run]:
-    selected = [m for m in METHODS if m.key in args.methods]
+    """Seed by seed, each method at each bit-width; a full-precision run (finetune: the
+    pretraining every other run of its seed starts from) comes first in its seed."""
+    protocol = PROTOCOLS[getattr(args, "protocol", "scratch")]
+    selected = [m for m in protocol.methods if m.key in args.methods]
     runs = []
     for seed in range(args.seeds):
         for method in selected:
-            for bits in (BITS if method.uses_bits else (None,)):
+            for bits in (protocol.bits if method.uses_bits else (None,)):
                 runs.append(Run(method, bits, seed))
     return runs
 
@@ -153,11 +248,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: list[Run], results: list[dict]) -> dict:
+def summarise(runs: list[Run], results: list[dict], bits_list: tuple[int, ...] = BITS) -> dict:
     """``{(method key, bits): {"top1": [...], "wall": [...], "failed": n}}``; full precision under each bits."""
     table: dict = {}
     for run, result in zip(runs, results):
-        for bits in ((run.bits,) if run.bits else BITS):
+        for bits in ((run.bits,) if run.bits else bits_list):
             cell = table.setdefault((run.method.key, bits), {"top1": [], "wall": [], "cpu": [], "failed": 0})
             if result["ok"]:
                 cell["top1"].append(result["top1"])
@@ -177,35 +272,44 @@ def fmt_cell(cell: dict | None) -> list[str]:
     return [text, f"{statistics.fmean(cell['wall']):.0f}", f"{statistics.fmean(cell['cpu']):.0f}"]
 
 
-def reading(table: dict, methods: list[Method]) -> list[str]:
+def versus_direct(table: dict, key: str, bits: int) -> tuple[float, str, float] | None:
+    """Method ``key`` at ``bits`` against direct low-bit training: (difference of the means,
+    "better" / "worse" / "within", CPU time ratio), or None where either has no result. A
+    difference counts only when the means differ by more than the two standard deviations added."""
+    base, cell = table.get(("direct", bits)), table.get((key, bits))
+    if not base or not base["top1"] or not cell or not cell["top1"]:
+        return None
+    (b_mean, b_std), (mean, std) = mean_std(base["top1"]), mean_std(cell["top1"])
+    delta = mean - b_mean
+    verdict = "better" if delta > b_std + std else "worse" if -delta > b_std + std else "within"
+    return delta, verdict, statistics.fmean(cell["cpu"]) / statistics.fmean(base["cpu"])
+
+
+def reading(table: dict, methods: list[Method], bits_list: tuple[int, ...] = BITS,
+            direct: str = "direct low-bit", fp: str = "full precision reaches") -> list[str]:
     """Plain statements from the numbers: each method against direct low-bit training, called a
     difference only when the means differ by more than the two standard deviations added."""
     lines = []
-    for bits in BITS:
+    for bits in bits_list:
         base = table.get(("direct", bits))
         if not base or not base["top1"]:
             continue
         b_mean, b_std = mean_std(base["top1"])
-        b_cpu = statistics.fmean(base["cpu"])
-        better, worse, same = [], [], []
+        groups: dict[str, list[str]] = {"better": [], "worse": [], "within": []}
         for m in methods:
-            cell = table.get((m.key, bits))
-            if m.key in ("direct", "fp") or not cell or not cell["top1"]:
-                continue
-            mean, std = mean_std(cell["top1"])
-            delta = mean - b_mean
-            cost = statistics.fmean(cell["cpu"]) / b_cpu
-            item = f"{m.label} {delta:+.1f} ({cost:.1f}x CPU time)"
-            (better if delta > b_std + std else worse if -delta > b_std + std else same).append(item)
-        fp = table.get(("fp", bits))
-        fp_text = f"; full precision reaches {mean_std(fp['top1'])[0]:.1f}" if fp and fp["top1"] else ""
+            compared = versus_direct(table, m.key, bits) if m.key not in ("direct", "fp") else None
+            if compared:
+                delta, verdict, cost = compared
+                groups[verdict].append(f"{m.label} {delta:+.1f} ({cost:.1f}x CPU time)")
+        fp_cell = table.get(("fp", bits))
+        fp_text = f"; {fp} {mean_std(fp_cell['top1'])[0]:.1f}" if fp_cell and fp_cell["top1"] else ""
         lines.append(
-            f"- **W{bits}A{bits}** (direct low-bit {b_mean:.1f} ± {b_std:.1f}{fp_text}): "
-            f"better than direct by more than the seeds' spread: {', '.join(better) or 'none'}; "
-            f"worse: {', '.join(worse) or 'none'}; within the spread: {', '.join(same) or 'none'}."
+            f"- **W{bits}A{bits}** ({direct} {b_mean:.1f} ± {b_std:.1f}{fp_text}): "
+            f"better than direct by more than the seeds' spread: {', '.join(groups['better']) or 'none'}; "
+            f"worse: {', '.join(groups['worse']) or 'none'}; within the spread: {', '.join(groups['within']) or 'none'}."
         )
     parts = []
-    for bits in BITS:
+    for bits in bits_list:
         aqe, control = table.get(("aqe", bits)), table.get(("direct_adamw", bits))
         if aqe and control and aqe["top1"] and control["top1"]:
             (a_mean, a_std), (c_mean, c_std) = mean_std(aqe["top1"]), mean_std(control["top1"])
@@ -244,10 +348,10 @@ def code_version() -> str:
         return f"commit {sha} (a clean export of it)" if sha else "unknown commit"
 
 
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
+def write_section(text: str, path: Path = BENCHMARKS, section: str = SECTION) -> None:
     """Replace this study's section of BENCHMARKS.md (other sections belong to other studies)."""
     current = path.read_text() if path.is_file() else "# Benchmarks\n\nMeasured numbers, each with the machine and the exact command behind it.\n"
-    start = current.find(f"\n{SECTION}\n")
+    start = current.find(f"\n{section}\n")
     if start < 0:
         updated = current.rstrip("\n") + "\n\n" + text
     else:
@@ -256,6 +360,19 @@ def write_section(text: str, path: Path = BENCHMARKS) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(updated)
     os.replace(tmp, path)
+
+
+def study_command(args) -> str:
+    """The command line that reproduces the study (every option that sets a number)."""
+    protocol = getattr(args, "protocol", "scratch")
+    options = [("seeds", args.seeds), ("epochs", args.epochs)]
+    if protocol == "finetune":
+        options = [("protocol", "finetune"), *options, ("finetune-epochs", args.finetune_epochs)]
+    options += [("width", args.width), ("threads", args.threads)]
+    command = "python benchmarks/study.py " + " ".join(f"--{k} {v}" for k, v in options)
+    if set(args.methods) != {m.key for m in PROTOCOLS[protocol].methods}:
+        command += " --methods " + " ".join(args.methods)
+    return command
 
 
 def report(args, runs: list[Run], results: list[dict], started: datetime, elapsed: float, load: tuple) -> str:
@@ -269,11 +386,7 @@ def report(args, runs: list[Run], results: list[dict], started: datetime, elapse
         for b in BITS:
             cells += fmt_cell(table.get((m.key, b)))
         rows.append(f"| {m.label} | `{m.recipe}` | " + " | ".join(cells) + " |")
-    command = "python benchmarks/study.py " + " ".join(
-        f"--{k} {v}" for k, v in (("seeds", args.seeds), ("epochs", args.epochs), ("width", args.width), ("threads", args.threads))
-    )
-    if set(args.methods) != {m.key for m in METHODS}:
-        command += " --methods " + " ".join(args.methods)
+    command = study_command(args)
     example = next((r for r in runs if r.method.key == "pq" and r.bits == 1), runs[0])
     example_cmd = shlex.join(["python"] + example.command(args, Path("runs/study") / example.name)[1:]).replace(str(REPO_ROOT) + "/", "")
     failed = [f"{run.name}: {res['error']}" for run, res in zip(runs, results) if not res["ok"]]
@@ -318,21 +431,157 @@ def report(args, runs: list[Run], results: list[dict], started: datetime, elapse
     return "\n".join(lines) + "\n"
 
 
+def per_seed(runs: list[Run], results: list[dict]) -> dict:
+    """``{(method key, bits): {seed: top1}}`` of the runs that finished."""
+    values: dict = {}
+    for run, result in zip(runs, results):
+        if result["ok"]:
+            values.setdefault((run.method.key, run.bits), {})[run.seed] = result["top1"]
+    return values
+
+
+def claims(table: dict, methods: list[Method], bits_list: tuple[int, ...]) -> list[str]:
+    """One row per method: the paper's own ImageNet result beside what the study shows against
+    direct fine-tuning at each bit-width, and a one-phrase verdict."""
+    head = "| method | the paper's own result (ImageNet) | " + " | ".join(f"W{b}A{b} vs direct" for b in bits_list) + " | here |"
+    rows = [head, "|---|---|" + "---:|" * len(bits_list) + "---|"]
+    for m in methods:
+        if m.key in ("fp", "direct"):
+            continue
+        cells, by_verdict = [], {"better": [], "worse": [], "within": []}
+        for bits in bits_list:
+            compared = versus_direct(table, m.key, bits)
+            if compared is None:
+                cells.append("-")
+                continue
+            delta, verdict, _ = compared
+            cells.append(f"{delta:+.1f}" + {"better": " (beyond)", "worse": " (beyond)", "within": ""}[verdict])
+            by_verdict[verdict].append(f"W{bits}A{bits}")
+        parts = [f"{text} at {', '.join(by_verdict[key])}" for key, text in
+                 (("better", "better than direct"), ("worse", "worse than direct"), ("within", "no difference beyond the spread"))
+                 if by_verdict[key]]  # fmt: skip
+        rows.append(f"| {m.label} | {PAPER_RESULTS.get(m.key, '')} | " + " | ".join(cells) + f" | {'; '.join(parts) or '-'} |")
+    return rows
+
+
+def finetune_report(args, runs: list[Run], results: list[dict], started: datetime, elapsed: float, load: tuple) -> str:
+    protocol = PROTOCOLS["finetune"]
+    bits_list = protocol.bits
+    methods = [m for m in protocol.methods if m.key in args.methods]
+    table = summarise(runs, results, bits_list)
+    seeds = per_seed(runs, results)
+    fp = table.get(("fp", bits_list[0]))
+    tuned = [m for m in methods if m.uses_bits]
+    head = "| method | recipe | " + " | ".join(f"W{b}A{b} top-1 % | CPU s" for b in bits_list) + " |"
+    rows = [head, "|---|---|" + "---:|---:|" * len(bits_list)]
+    for m in tuned:
+        cells = []
+        for b in bits_list:
+            top1, _, cpu = fmt_cell(table.get((m.key, b)))
+            cells += [top1, cpu]
+        rows.append(f"| {m.label} | `{m.recipe}` | " + " | ".join(cells) + " |")
+    seed_rows = ["| method | " + " | ".join(f"W{b}A{b}" for b in bits_list) + " |", "|---|" + "---|" * len(bits_list)]
+    for m in methods:
+        per_bits = [None] if not m.uses_bits else list(bits_list)
+        texts = []
+        for b in per_bits:
+            values = seeds.get((m.key, b), {})
+            texts.append(" / ".join(f"{values[s]:.2f}" if s in values else "-" for s in range(args.seeds)))
+        if not m.uses_bits:
+            texts = texts * len(bits_list)
+        seed_rows.append(f"| {m.label} | " + " | ".join(texts) + " |")
+    command = study_command(args)
+    example = next((r for r in runs if r.method.key == "pq" and r.bits == 1), runs[-1])
+    example_cmd = shlex.join(["python"] + example.command(args, Path("runs/study_finetune") / example.name)[1:]).replace(str(REPO_ROOT) + "/", "")
+    fp_cmd = shlex.join(["python"] + runs[0].command(args, Path("runs/study_finetune") / runs[0].name)[1:]).replace(str(REPO_ROOT) + "/", "")
+    failed = [f"{run.name}: {res['error']}" for run, res in zip(runs, results) if not res["ok"]]
+    fp_text = (
+        f"top-1 {fmt_cell(fp)[0]} %, {fmt_cell(fp)[2]} s CPU ({fmt_cell(fp)[1]} s wall) per seed"
+        if fp else "not run in this study (its run directories were given)"
+    )
+    lines = [
+        protocol.section,
+        "",
+        "The papers' protocol: every low-bit network starts from a trained full-precision one. Per seed, the "
+        f"full-precision ResNet-18 (width {args.width}) is trained once on the embedded digits (`digits_fp.yaml`, "
+        f"{args.epochs} epochs, the scratch study's settings), and every method fine-tunes from that checkpoint for "
+        f"{args.finetune_epochs} epochs with its `digits_*_finetune.yaml` recipe, at W4A4, W2A2 and W1A1, seeds "
+        f"0..{args.seeds - 1}. Final val top-1 as mean ± sample std over the seeds; CPU time (user + system, process "
+        "start to exit) per fine-tuning run, without the pretraining, which is counted once per seed below.",
+        "",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC; the whole study took {elapsed / 60:.0f} min for {len(runs)} runs, one after the other.",
+        f"- Code: {code_version()}.",
+        f"- Machine: {machine()}; {args.threads} intra-op thread(s) per run, data.workers=0. "
+        f"Load average {load[0]:.1f} before, {load[1]:.1f} after.",
+        f"- Command: `{command}`",
+        f"- Full-precision pretraining, once per seed: {fp_text}. Seed 0: `{fp_cmd}`",
+        f"- Each fine-tuning run is `python -m distq train configs/RECIPE` with overrides; e.g. PQ at W1A1, seed "
+        f"{example.seed}: `{example_cmd}`",
+        "- Fine-tuning settings (`digits_w4a4_finetune.yaml`, which every other recipe starts from), after the authors' "
+        "ImageNet fine-tuning recipe: SGD Nesterov, weight decay 1e-4, learning rate 5e-3 (1/20 of the full-precision "
+        "0.1), divided by 10 at 1/2 and 5/6 of the run, no warm-up. Per method: TS quantizes activations after 0.5 of the "
+        "run; PQ starts below the FP model's 32 bits, 8 -> 4 (W4A4), 8 -> 4 -> 2 (W2A2) or 4 -> 2 -> 1 (W1A1) in equal "
+        "parts; SP ramps p from 0.5 to 1 over 0.8; guided: guide (lr 1e-3) and student (lr 5e-3) both from the FP model, "
+        "the student's accuracy reported, the time covering both; the aux branch decays (cosine) to 0 at 0.5; cyclic "
+        "goes 4 -> 3 -> 2 (-> 1) weight bits, one cycle of 0.067 fp + 0.133 lp per depth; AQE uses AdamW at lr 1e-4 "
+        "(1/20 of its scratch recipe's) with a cosine schedule and alpha 0.5 -> 1 at 0.9.",
+        "",
+        *rows,
+        "",
+        "Top-1 per seed (seeds 0 / 1 / ...), to compare a rerun with:",
+        "",
+        *seed_rows,
+        "",
+        "Reading (generated from the numbers above; a difference counts only when the means differ by more than the two "
+        "standard deviations added):",
+        "",
+        *reading(table, methods, bits_list, direct="direct fine-tuning", fp="the full-precision start reaches"),
+        "",
+        "Each method against direct fine-tuning, beside its paper's own claim (all the papers report ImageNet, which "
+        "cannot be run here; \"(beyond)\" marks a difference larger than the seeds' spread):",
+        "",
+        *claims(table, methods, bits_list),
+        "",
+        f"Caveats: {args.finetune_epochs} epochs of fine-tuning ({args.finetune_epochs * 22} SGD steps) of a width-"
+        f"{args.width} network on an easy dataset; each method's schedule compressed into them and nothing tuned per "
+        "method. The papers' claims are about ImageNet-sized problems and long schedules.",
+    ]
+    if failed:
+        lines += ["", "Failed runs: " + "; ".join(failed)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="scratch",
+                        help="scratch: every method from random weights; finetune: from a trained full-precision model")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of a scratch run, and of the finetune protocol's FP pretraining")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="finetune protocol: epochs of each fine-tuning run (at least 3)")
     parser.add_argument("--width", type=int, default=8, help="ResNet-18 base width (the recipes use 16)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (OMP_NUM_THREADS)")
-    parser.add_argument("--methods", nargs="+", default=[m.key for m in METHODS], choices=[m.key for m in METHODS])
-    parser.add_argument("--runs-dir", default=str(REPO_ROOT / "runs" / "study"), help="where the runs go (default runs/study)")
+    parser.add_argument("--methods", nargs="+", choices=sorted({m.key for p in PROTOCOLS.values() for m in p.methods}),
+                        help="the methods to run (default: all of the protocol's)")
+    parser.add_argument("--runs-dir", help="where the runs go (default runs/study, or runs/study_finetune)")
     parser.add_argument("--fresh", action="store_true", help="train every run again even if its results are there")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
-    parser.add_argument("--benchmarks", default=str(BENCHMARKS), help="the BENCHMARKS.md to update (default: the repository's)")
+    parser.add_argument("--benchmarks", help="the BENCHMARKS.md to update (default: the repository's, and only by a "
+                        "study of all the protocol's methods)")
     args = parser.parse_args(argv)
+    protocol = PROTOCOLS[args.protocol]
+    known = [m.key for m in protocol.methods]
+    args.methods = args.methods or known
+    unknown = [k for k in args.methods if k not in known]
+    if unknown:
+        parser.error(f"--methods {' '.join(unknown)}: not in the {args.protocol} protocol (use {', '.join(known)})")
+    if args.protocol == "finetune":
+        if args.finetune_epochs < 3:
+            parser.error("--finetune-epochs must be at least 3 (the learning rate decays at 1/2 and 5/6 of the run)")
+        if "fp" not in args.methods:
+            args.methods = ["fp", *args.methods]  # every fine-tuning run starts from its seed's FP run
 
     runs = plan_runs(args)
-    runs_dir = Path(args.runs_dir)
+    runs_dir = Path(args.runs_dir or REPO_ROOT / "runs" / protocol.runs_dir)
     started, start, load_before = datetime.now(timezone.utc), time.perf_counter(), os.getloadavg()[0]
     print(f"{len(runs)} runs into {runs_dir}", flush=True)
     results = []
@@ -344,13 +593,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(runs)}] {run.name}: {status}  {result['wall_s']:.0f}s{cached}  "
               f"(elapsed {(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     elapsed = time.perf_counter() - start
-    text = report(args, runs, results, started, elapsed, (load_before, os.getloadavg()[0]))
+    write_report = finetune_report if args.protocol == "finetune" else report
+    text = write_report(args, runs, results, started, elapsed, (load_before, os.getloadavg()[0]))
     (runs_dir / "study.md").write_text(text)
-    if args.no_write:
+    partial = set(args.methods) != set(known)
+    if args.no_write or (partial and args.benchmarks is None):
         print(text)
+        if not args.no_write:
+            print(f"(a study of some methods only: BENCHMARKS.md left as it is; --benchmarks PATH writes the section to PATH; "
+                  f"this text is in {runs_dir / 'study.md'})", flush=True)
     else:
-        write_section(text, Path(args.benchmarks))
-        print(f"wrote the '{SECTION}' section of {args.benchmarks}", flush=True)
+        path = Path(args.benchmarks or BENCHMARKS)
+        write_section(text, path, protocol.section)
+        print(f"wrote the '{protocol.section}' section of {path}", flush=True)
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -189,4 +189,4 @@ def test_pretrained_file_missing(digits_root, tmp_path, capsys, monkeypatch):
     argv = ["train", CONFIG_PATH, f"run.dir={tmp_path}", "model.width=4", "model.pretrained=/nonexistent/w.pth"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == "distq: error: model.pretrained file '/nonexistent/w.pth' not found: give the path of a saved state_dict\n"
+    assert err == "distq: error: model.pretrained file '/nonexistent/w.pth' not found: give the path of a saved state_dict or a distq run directory\n"

@@ -67,7 +67,7 @@ class GuidedConfig:
     student_lr: float | None = None
     """Students' learning rate; null uses train.lr."""
     guide_pretrained: str | None = None
-    """Full-precision state_dict file for the guide."""
+    """Full-precision weights for the guide: a state_dict file or a distq run directory."""
     students_from_guide: bool = True
     """Initialise every student with the guide's weights."""
     hint: HintConfig | None = None

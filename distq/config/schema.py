@@ -56,7 +56,8 @@ class ModelConfig:
     num_classes: int | None = None
     """Number of classes; null takes it from the dataset."""
     pretrained: str | None = None
-    """Path of a full-precision state_dict file (e.g. torchvision's) to start from."""
+    """Full-precision weights to start from: a state_dict file (e.g. torchvision's) or a distq run
+    directory (its latest checkpoint); the bits and quantizer stay this config's."""
 
     def __post_init__(self):
         if not self.arch:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-from distq.checkpoint import CheckpointError, load_weights
+from distq.checkpoint import CheckpointError, load_state, load_weights
 from distq.config.loader import ConfigError
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.models.convert import quantize_model
@@ -42,13 +44,22 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int
 
 
 def load_float_weights(model: nn.Module, path: str) -> None:
-    """Load a full-precision state_dict file (torchvision's format) into a quantized model."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"model.pretrained file {path!r} not found: give the path of a saved state_dict") from None
-    except Exception as exc:  # torch raises many types for a bad file
-        raise CheckpointError(f"model.pretrained file {path!r} is not a readable state_dict ({str(exc).splitlines()[0]})") from None
+    """Load full-precision weights into a (quantized) model: a state_dict file (torchvision's
+    format), or a distq run directory or checkpoint (its first model, e.g. a full-precision run
+    to fine-tune from). Only weights and batch-norm statistics are taken: the precision state
+    (``_extra_state``: bits, quantizer method) stays the one the config gave the model, so a
+    W2A2 model started from a full-precision checkpoint still trains at W2A2 with its own
+    quantizer."""
+    if Path(path).is_dir():
+        state = load_state(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"model.pretrained file {path!r} not found: give the path of a saved state_dict or a distq run directory") from None
+        except Exception as exc:  # torch raises many types for a bad file
+            raise CheckpointError(f"model.pretrained file {path!r} is not a readable state_dict ({str(exc).splitlines()[0]})") from None
     if isinstance(state, dict) and "models" in state:  # a distq checkpoint: take its first model
         state = next(iter(state["models"].values()))
-    load_weights(model, state, f"model.pretrained file {path!r}", allow_missing_quant_state=True)
+    weights = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    load_weights(model, weights, f"model.pretrained file {path!r}", allow_missing_quant_state=True)

@@ -53,3 +53,18 @@ def test_the_model_comes_back_with_its_weights_and_bits(pretrained_run, checkpoi
     assert {layer.bits for _, layer in quant_layers(model) if not isinstance(layer, QAct)} == {2}
     with pytest.raises(CheckpointError, match="has no model 'guide': choose one of model"):
         trained.model("guide")
+
+
+def test_a_run_directory_as_pretrained_gives_its_weights_but_not_its_precision(pretrained_run, checkpoint_of):
+    """Fine-tuning from a distq run: the weights come from its checkpoint, the bits and the quantizer
+    stay the new config's (the checkpoint's W2A3 DoReFa state must not turn a W1A1 AQE model into it)."""
+    from distq.models.build import load_float_weights
+
+    model = build_model(ModelConfig(arch="resnet18", width=4, small_input=True, num_classes=4), QuantConfig(w_bits=1, a_bits=1, method="aqe"), 4)
+    load_float_weights(model, str(pretrained_run))
+    saved = checkpoint_of(pretrained_run)["models"]["model"]
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, saved[name]), name
+    assert {layer.bits for _, layer in quant_layers(model)} == {1}
+    assert {layer.method for _, layer in quant_layers(model)} == {"aqe"}
