@@ -162,7 +162,8 @@ PROTOCOLS = {
 
 
 def milestones(epochs: int) -> list[int]:
-    """FINETUNE_MILESTONES in whole epochs of a fine-tuning run of ``epochs`` (at least 3)."""
+    """FINETUNE_MILESTONES in whole epochs of a fine-tuning run of ``epochs`` (at least 4, so
+    that the two decays fall on different epochs)."""
     return [max(1, min(epochs - 1, round(f * epochs))) for f in FINETUNE_MILESTONES]
 
 
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch: every method from random weights; finetune: from a trained full-precision model")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6, help="epochs of a scratch run, and of the finetune protocol's FP pretraining")
-    parser.add_argument("--finetune-epochs", type=int, default=4, help="finetune protocol: epochs of each fine-tuning run (at least 3)")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="finetune protocol: epochs of each fine-tuning run (at least 4)")
     parser.add_argument("--width", type=int, default=8, help="ResNet-18 base width (the recipes use 16)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--methods", nargs="+", choices=sorted({m.key for p in PROTOCOLS.values() for m in p.methods}),
@@ -575,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--methods {' '.join(unknown)}: not in the {args.protocol} protocol (use {', '.join(known)})")
     if args.protocol == "finetune":
-        if args.finetune_epochs < 3:
-            parser.error("--finetune-epochs must be at least 3 (the learning rate decays at 1/2 and 5/6 of the run)")
+        if args.finetune_epochs < 4:
+            parser.error("--finetune-epochs must be at least 4 (the learning rate decays at 1/2 and 5/6 of the run)")
         if "fp" not in args.methods:
             args.methods = ["fp", *args.methods]  # every fine-tuning run starts from its seed's FP run
 
