@@ -524,8 +524,8 @@ def finetune_report(args, runs: list[Run], results: list[dict], started: datetim
         "run; PQ starts below the FP model's 32 bits, 8 -> 4 (W4A4), 8 -> 4 -> 2 (W2A2) or 4 -> 2 -> 1 (W1A1) in equal "
         "parts; SP ramps p from 0.5 to 1 over 0.8; guided: guide (lr 1e-3) and student (lr 5e-3) both from the FP model, "
         "the student's accuracy reported, the time covering both; the aux branch decays (cosine) to 0 at 0.5; cyclic "
-        "goes 4 -> 3 -> 2 (-> 1) weight bits, one cycle of 0.067 fp + 0.133 lp per depth; AQE uses AdamW at lr 1e-4 "
-        "(1/20 of its scratch recipe's) with a cosine schedule and alpha 0.5 -> 1 at 0.9.",
+        "goes 4 -> 3 -> 2 (-> 1) weight bits, one cycle of 0.067 fp + 0.133 lp per depth; AQE uses AdamW at lr 1e-3 "
+        "(its ImageNet recipe's; AdamW's step does not scale with the gradient as SGD's does) with a cosine schedule and alpha 0.5 -> 1 at 0.9.",
         "",
         *rows,
         "",
