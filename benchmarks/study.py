@@ -516,8 +516,8 @@ def finetune_report(args, runs: list[Run], results: list[dict], started: datetim
         f"Load average {load[0]:.1f} before, {load[1]:.1f} after.",
         f"- Command: `{command}`",
         f"- Full-precision pretraining, once per seed: {fp_text}. Seed 0: `{fp_cmd}`",
-        f"- Each fine-tuning run is `python -m distq train configs/RECIPE` with overrides; e.g. PQ at W1A1, seed "
-        f"{example.seed}: `{example_cmd}`",
+        f"- Each fine-tuning run is `python -m distq train configs/RECIPE` with overrides; e.g. {example.method.label} at "
+        f"W{example.bits}A{example.bits}, seed {example.seed}: `{example_cmd}`",
         "- Fine-tuning settings (`digits_w4a4_finetune.yaml`, which every other recipe starts from), after the authors' "
         "ImageNet fine-tuning recipe: SGD Nesterov, weight decay 1e-4, learning rate 5e-3 (1/20 of the full-precision "
         "0.1), divided by 10 at 1/2 and 5/6 of the run, no warm-up. Per method: TS quantizes activations after 0.5 of the "
