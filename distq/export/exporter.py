@@ -101,19 +101,12 @@ def export_checkpoint(path: str | Path, out: str | Path, model_name: str | None 
 def checkpoint_model(path: str | Path, model_name: str | None = None) -> tuple[nn.Module, dict]:
     """One model of a training checkpoint, its weights and precision state loaded, and the
     header every export format writes: model config, quant config, preprocessing, classes, source."""
-    from distq.checkpoint import load_state as load_checkpoint
-    from distq.checkpoint import load_weights
-    from distq.config import config_from_dict
-    from distq.models.build import build_model
+    from distq.models.trained import load_trained
 
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    classes = list(state["classes"])
-    name = _pick_model(state["models"], model_name, path)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None), cfg.quant, len(classes))
-    # Checkpoints written before quantizer state reached state_dict lack ``_extra_state``;
-    # their bit-widths are the config's, which build_model has already set.
-    load_weights(model, state["models"][name], f"checkpoint {str(path)!r}", allow_missing_quant_state=True)
+    trained = load_trained(path)
+    cfg, classes, state = trained.cfg, trained.classes, trained.state
+    name = trained.default_name() if model_name is None else model_name
+    model = trained.model(name)
     header = {
         "model": {
             "arch": cfg.model.arch,
@@ -136,18 +129,6 @@ def _readable_names(data_root: str | None, classes: list[str]) -> dict:
 
     table = class_name_table(data_root) if data_root and Path(data_root).is_dir() else None
     return {"class_names": [table.get(c, "") for c in classes]} if table else {}
-
-
-def _pick_model(models: dict, name: str | None, path) -> str:
-    if name is not None:
-        if name not in models:
-            raise ExportError(f"checkpoint {str(path)!r} has no model {name!r}: choose one of {', '.join(models)}")
-        return name
-    if DEFAULT_MODEL in models:
-        return DEFAULT_MODEL
-    if len(models) == 1:
-        return next(iter(models))
-    raise ExportError(f"checkpoint {str(path)!r} holds models {', '.join(models)}: choose one with --model NAME")
 
 
 def _preprocess(data_cfg) -> dict:

@@ -9,8 +9,6 @@ quantizer, and that is what the export holds.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from distq.infer.engine import load_engine
@@ -50,15 +48,10 @@ def exact_reference(model: torch.nn.Module) -> torch.nn.Module:
 def reference_model(checkpoint: str, model_name: str = "model", dtype: torch.dtype = torch.float32):
     """The fake-quantized PyTorch model of a checkpoint, as exported (AQE alpha = 1);
     in float64, its ``exact_reference``."""
-    from distq.checkpoint import load_state as load_checkpoint
-    from distq.checkpoint import load_weights
-    from distq.config import config_from_dict
-    from distq.models.build import build_model
+    from distq.models.trained import load_trained
 
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None), cfg.quant, len(state["classes"]))
-    load_weights(model, state["models"][model_name], f"checkpoint {checkpoint!r}", allow_missing_quant_state=True)
+    trained = load_trained(checkpoint)
+    model, cfg = trained.model(model_name), trained.cfg
     for _, layer in quant_layers(model):
         layer.alpha = 1.0
     if dtype == torch.float64:

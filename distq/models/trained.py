@@ -39,7 +39,7 @@ class TrainedCheckpoint:
             return SINGLE
         if len(self.names) == 1:
             return self.names[0]
-        raise CheckpointError(f"checkpoint {self.source!r} holds models {', '.join(self.names)}: choose one by name")
+        raise CheckpointError(f"checkpoint {self.source!r} holds models {', '.join(self.names)}: choose one by name (distq export: --model NAME)")
 
     def model(self, name: str | None = None) -> nn.Module:
         """The trained network ``name`` (default: ``default_name()``), in eval mode."""

@@ -88,6 +88,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow  # over a minute; test_rank_without_launcher_fails_when_its_peer_dies runs by default
 def test_torchrun_job_fails_when_a_worker_is_killed(tmp_path, digits_root, distq_cache, poll):
     log = open(tmp_path / "torchrun.log", "w")
     launcher = subprocess.Popen(

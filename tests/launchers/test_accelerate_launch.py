@@ -112,6 +112,7 @@ def test_launch_sh_usage_errors(distq_cache):
     assert missing.returncode == 2 and "no accelerate config file 'launchers/accelerate/nope.yaml'" in missing.stderr
 
 
+@pytest.mark.slow  # 2+ minutes; the 2-process resume and dead-rank tests cover rendezvous by default
 def test_two_machines_on_localhost_train_together(tmp_path, digits_root, distq_cache, run_distq):
     """multi_node.yaml with --num_machines 2: machine ranks 0 and 1 on this machine, one process each."""
     run_dir = tmp_path / "run"

@@ -68,3 +68,18 @@ def test_a_run_directory_as_pretrained_gives_its_weights_but_not_its_precision(p
             assert torch.equal(value, saved[name]), name
     assert {layer.bits for _, layer in quant_layers(model)} == {1}
     assert {layer.method for _, layer in quant_layers(model)} == {"aqe"}
+
+
+def test_export_and_the_verifier_rebuild_the_trained_model_without_the_pretrained_file(pretrained_run):
+    """distq export and the integer engine's verifier take the same way (the file the run started from is gone)."""
+    from distq.export.exporter import checkpoint_model
+    from distq.infer.verify import reference_model
+
+    expected = {k: v for k, v in load_trained(pretrained_run).model().state_dict().items() if isinstance(v, torch.Tensor)}
+    exported, header = checkpoint_model(str(pretrained_run))
+    verified, _ = reference_model(str(pretrained_run))
+    assert header["source"]["model"] == "model" and header["classes"] == ["a", "b", "c", "d"]
+    for model in (exported, verified):
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)

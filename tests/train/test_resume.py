@@ -177,6 +177,7 @@ def test_resume_on_another_number_of_processes(tmp_path, switch, torchrun, check
     assert json.loads((run_dir / "results.json").read_text())["world_size"] == after
 
 
+@pytest.mark.slow  # a minute; the world-size switches run by default
 def test_a_resumed_run_keeps_its_global_batch_or_says_why_it_cannot(tmp_path, torchrun, run_distq, digits_root):
     run_dir = tmp_path / "run"
     args = ("train", DIGITS, *TWO_PROCESSES, "train.epochs=1", "train.warmup_epochs=0", "data.batch_size=50", f"run.dir={run_dir}")
@@ -199,7 +200,7 @@ def test_a_resumed_run_keeps_its_global_batch_or_says_why_it_cannot(tmp_path, to
 # --- DALI, shards ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", ["dali", "shards-torchvision"])
+@pytest.mark.parametrize("data", [pytest.param("dali", marks=pytest.mark.slow), "shards-torchvision"])
 def test_run_killed_mid_epoch_resumes_bitwise(tmp_path, tiny_args, run_distq, checkpoint_of, same_state, digits_root, request, data):
     """DALI's reader, and the torchvision loader reading shards (``data.format=shards``), resume mid-epoch bitwise."""
     if data == "dali":
