@@ -16,6 +16,10 @@ Rounding half to even is the float trick ``(v + 1.5 * 2^m) - 1.5 * 2^m`` (m = 23
 52 in fp64), exact for |v| < 2^(m-1): libdevice's ``rint`` does not run under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), which the default test suite uses.
 
+Divisions are IEEE-rounded (``_div``: Triton's ``/`` is approximate on CUDA) and max/min keep
+NaN as PyTorch's clamp and amax do (``_max``, ``_min``); the interpreter does both anyway, so
+tests/quant/test_triton_cuda_build.py checks the PTX the CUDA compiler makes of each kernel.
+
 ``tanh`` and the mean-based scales (binary weights' mean|w|, AQE's ternary threshold) are
 computed by PyTorch before the kernels: PyTorch's own ``tanh`` and summation order are part
 of the reference, and the interpreter has no ``tanh``.
@@ -63,11 +67,33 @@ def _rint(v, magic):
 
 
 @triton.jit
+def _max(a, b):
+    """max(a, b), NaN if either is NaN, as torch's clamp and amax: CUDA's max.f32 would drop the NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min(a, b):
+    """min(a, b), NaN if either is NaN (see ``_max``)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _div(a, b):
+    """a / b rounded to nearest, as PyTorch divides tensors. Triton's ``/`` on fp32 compiles to
+    an approximate division on CUDA (``div.full.f32``, up to 2 units in the last place); the
+    interpreter divides exactly, so only a CUDA build shows it (tests/quant/test_triton_cuda_build.py)."""
+    if a.dtype == tl.float64:
+        return a / b  # div.rn.f64
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def _divide(v, divisor, reciprocal, RECIPROCAL: tl.constexpr):
     """v / divisor as PyTorch computes a tensor divided by a Python number on this device."""
     if RECIPROCAL:
         return v * reciprocal
-    return v / divisor
+    return _div(v, divisor)
 
 
 def _scalar_division(x: torch.Tensor, divisor: float) -> dict:
@@ -88,7 +114,7 @@ def _act_forward(x_ptr, y_ptr, mask_ptr, n, levels, reciprocal, magic, NEED_MASK
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     out_dtype = x.dtype
     v = x.to(COMPUTE)
-    clamped = tl.minimum(tl.maximum(v, 0.0), 1.0)
+    clamped = _min(_max(v, 0.0), 1.0)
     t = _round_to(clamped * levels, out_dtype, COMPUTE)
     y = _divide(_rint(t, magic), levels, reciprocal, RECIPROCAL)
     tl.store(y_ptr + offs, _round_to(y, out_dtype, COMPUTE).to(out_dtype), mask=inb)
@@ -138,8 +164,8 @@ def _row_max_abs(t_ptr, s_ptr, row_len, ROW_BLOCK: tl.constexpr):
     for start in range(0, row_len, ROW_BLOCK):
         offs = start + tl.arange(0, ROW_BLOCK)
         t = tl.load(t_ptr + row * row_len + offs, mask=offs < row_len, other=0.0).to(tl.float32)
-        best = tl.maximum(best, tl.abs(t))
-    s = tl.max(best, axis=0)
+        best = _max(best, tl.abs(t))
+    s = tl.reduce(best, 0, _max)
     s = tl.where(s == 0.0, 1.0, s)
     tl.store(s_ptr + row, s)
 
@@ -154,7 +180,7 @@ def _dorefa_forward(t_ptr, s_ptr, q_ptr, n, row_len, levels, half_levels, recipr
     out_dtype = t_raw.dtype
     t = t_raw.to(COMPUTE)
     s = tl.load(s_ptr + offs // row_len, mask=inb, other=1.0).to(COMPUTE)
-    q = _round_to(t / (2.0 * s), out_dtype, COMPUTE)
+    q = _round_to(_div(t, 2.0 * s), out_dtype, COMPUTE)
     q = _round_to(q + 0.5, out_dtype, COMPUTE)
     q = _round_to(q * levels, out_dtype, COMPUTE)
     q = _round_to(_divide(_rint(q, magic), half_levels, reciprocal, RECIPROCAL), out_dtype, COMPUTE)
@@ -177,7 +203,7 @@ def _dorefa_backward_sums(t_ptr, s_ptr, g_ptr, sums_ptr, row_len, ROW_BLOCK: tl.
         dtype = t_raw.dtype
         t = t_raw.to(tl.float32)
         g = tl.load(g_ptr + row * row_len + offs, mask=inb, other=0.0).to(tl.float32)
-        term = _round_to(_round_to(t / d, dtype, tl.float32) / d, dtype, tl.float32)
+        term = _round_to(_div(_round_to(_div(t, d), dtype, tl.float32), d), dtype, tl.float32)
         acc += _round_to(term * g, dtype, tl.float32)
         peaks += tl.where(inb & (tl.abs(t) == s), 1.0, 0.0)
     tl.store(sums_ptr + 2 * row, tl.sum(acc, axis=0))
@@ -202,7 +228,7 @@ def _dorefa_backward(t_ptr, s_ptr, g_ptr, share_ptr, out_ptr, n, row_len, FMA_IN
     share = tl.load(share_ptr + row, mask=inb, other=0.0).to(COMPUTE)
     peak = tl.abs(t) == s
     signed = tl.where(t < 0.0, -share, share)
-    grad_t = _round_to(tl.where(peak, signed, 0.0) + g / s, out_dtype, COMPUTE)
+    grad_t = _round_to(tl.where(peak, signed, 0.0) + _div(g, s), out_dtype, COMPUTE)
     if FMA_IN_FP64:
         wide = t.to(tl.float64)
         one_minus_t2 = (1.0 - wide * wide).to(COMPUTE)
@@ -306,7 +332,7 @@ def _aqe_forward(x_ptr, thr_ptr, y_ptr, mask_ptr, n, row_len, alpha, one_minus_a
         threshold = tl.load(thr_ptr + offs // row_len, mask=inb, other=0.0).to(COMPUTE)
         hard = sign * tl.where(tl.abs(x) > threshold, 1.0, 0.0)
     else:
-        mag = tl.minimum(tl.abs(x), 1.0)
+        mag = _min(tl.abs(x), 1.0)
         level = tl.zeros_like(mag)
         below = 0.0
         for p in tl.static_range((1 << (BITS - 1)) - 2, -1, -1):  # levels 2^-p from the smallest up

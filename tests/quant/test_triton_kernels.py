@@ -109,6 +109,24 @@ def test_aqe_kernels(bits, dtype, device):
             compare(lambda v, k, a=alpha, ps=per_sample: aqe_quant(v, bits, a, ps, k), x.to(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_nan_as_in_pytorch(device):
+    """A NaN input gives NaN where PyTorch gives NaN (clamp and amax keep NaN; CUDA's plain
+    max.f32 would turn a NaN activation into 0 and hide a diverged run: the kernels ask for
+    NaN-propagating max/min, tests/quant/test_triton_cuda_build.py checks the compiled code)."""
+    nan = float("nan")
+    x = torch.tensor([[nan, -1.0, 0.3, 2.0], [0.5, 0.7, -0.2, 1.0]], device=device)
+    cases = {"act": lambda v, k: act_quant(v, 4, k), "aqe": lambda v, k: aqe_quant(v, 3, 0.5, True, k)}
+    for bits in (2, 4):
+        for per_channel in (False, True):
+            cases[f"w{bits}{'c' if per_channel else ''}"] = lambda v, k, b=bits, pc=per_channel: weight_quant(v, b, pc, k)
+    for name, fn in cases.items():
+        with torch.no_grad():
+            got, want = fn(x, "triton"), fn(x, "torch")
+        assert bool(want.isnan().any()), name  # the case has a NaN to keep
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
