@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements/torch.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements/torch.txt
 	$(BIN)/python -m pip install -q -e '.[dev,deploy]'
-	$(BIN)/python -m distq.infer.native
+	$(BIN)/python -m distq.native
 	touch $@
 
 train: install
@@ -39,4 +39,4 @@ lint: install
 	PYTHONPATH=. $(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache distq/infer/native/_compiled
+	rm -rf $(VENV) runs .pytest_cache distq/native/_compiled

@@ -30,7 +30,7 @@ from PIL import Image
 
 from distq.config.schema import DataConfig
 from distq.data import build_loaders
-from distq.data.digits import default_cache_dir
+from distq.cache import default_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10

@@ -15,14 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distq.cache import default_cache_dir
+
 VERSION = "digits-v1"
 IMAGE_SIZE = 32
 VAL_EVERY = 5
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("DISTQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "distq")
-    return Path(base)
 
 
 def _write(root: Path) -> None:

@@ -4,13 +4,18 @@ These are the reference kernels: each forward writes its result into one buffer 
 after the first in place, with exactly the float operations of the formula), and each backward
 is written out by hand from what the forward returned, never from a recorded graph. On the CPU
 a fresh large tensor costs more than the arithmetic (its pages are faulted in on first write),
-so the fewer buffers the faster. ``distq.quant.ops`` registers them, with the Triton kernels of
+so the fewer buffers the faster. On the CPU the activation quantizer and the masked gradient
+run as one native loop each where distq's library loads (``native_cpu``; bit-identical to the
+``*_torch`` functions here, which stay the reference; ``DISTQ_NATIVE=0`` keeps PyTorch's).
+``distq.quant.ops`` registers them, with the Triton kernels of
 ``distq.quant.triton_kernels``, as PyTorch custom operators.
 """
 
 from __future__ import annotations
 
 import torch
+
+from distq.quant import native_cpu
 
 
 def reduce_dims(w: torch.Tensor, per_channel: bool) -> tuple[int, ...] | None:
@@ -37,7 +42,13 @@ def _max_abs(t: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
 
 
 def act_forward(x: torch.Tensor, bits: int, need_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a_q, mask): mask is 1 (uint8) where the clamp left x unchanged, empty if not needed."""
+    """(a_q, mask): mask is 1 (uint8) where the clamp left x unchanged, empty if not needed.
+    On the CPU one native loop where it can run (``distq.quant.native_cpu``: the same bits)."""
+    return native_cpu.act_forward(x, bits, need_mask) or act_forward_torch(x, bits, need_mask)
+
+
+def act_forward_torch(x: torch.Tensor, bits: int, need_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_forward`` in PyTorch operations: the reference."""
     levels = (1 << bits) - 1
     out = x.clamp(0, 1)
     mask = torch.eq(out, x).view(torch.uint8) if need_mask else x.new_empty((0,), dtype=torch.uint8)
@@ -45,7 +56,13 @@ def act_forward(x: torch.Tensor, bits: int, need_mask: bool) -> tuple[torch.Tens
 
 
 def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """grad where mask is 1, else 0. On the CPU a uint8 product (a bool mask multiplies several
+    """grad where mask is 1, else 0; on the CPU one native loop where it can run."""
+    out = native_cpu.masked_grad(grad, mask)
+    return out if out is not None else masked_grad_torch(grad, mask)
+
+
+def masked_grad_torch(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_grad`` in PyTorch operations. On the CPU a uint8 product (a bool mask multiplies several
     times slower there); on a GPU a select (a uint8 x bf16 product takes CUDA's slow mixed-dtype path)."""
     if grad.is_cuda:
         return torch.where(mask.view(torch.bool), grad, 0)

@@ -10,7 +10,7 @@ import torch.nn as nn
 from distq.infer.bitops import PlaneCode
 from distq.infer.fusion import fuse_conv_activations
 from distq.infer.layers import BitConv2d, IntAct, coded
-from distq.infer.native.library import load
+from distq.native.library import load
 
 pytestmark = pytest.mark.skipif(load() is None, reason="native kernels unavailable (no C++ compiler)")
 

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from distq.cli import main
-from distq.infer.native.library import load
+from distq.native.library import load
 
 
 @pytest.fixture(scope="module")

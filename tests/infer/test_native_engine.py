@@ -22,8 +22,9 @@ from distq.infer import native
 from distq.infer.bitops import PlaneCode
 from distq.infer.engine import build_engine
 from distq.infer.layers import BitConv2d, BitLinear, CodedMaxPool2d, FloatLayer, IntAct, coded
-from distq.infer.native.build import compiler
-from distq.infer.native.library import available_isas, load
+from distq.native import library
+from distq.native.build import compiler
+from distq.native.library import available_isas, load
 
 needs_native = pytest.mark.skipif(load() is None, reason="native kernels unavailable (no C++ compiler)")
 
@@ -168,7 +169,7 @@ def test_kernel_choice(monkeypatch):
     assert not native.use_native("reference")
     with pytest.raises(DistqError, match="kernels must be one of auto, native, reference"):
         native.use_native("fast")
-    monkeypatch.setitem(native.library._state, "lib", None)  # as on a machine where they do not build
+    monkeypatch.setitem(library._state, "lib", None)  # as on a machine where they do not build
     assert not native.use_native("auto") and native.describe() == "reference"
     with pytest.raises(DistqError, match="native bit kernels are not available"):
         native.use_native("native")
@@ -191,4 +192,4 @@ def test_without_a_compiler_the_engine_says_so_once_and_runs_the_reference(rando
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["reference", "10"]
     notes = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(notes) == 1 and notes[0].startswith("distq: note: native bit kernels unavailable (no C++ compiler found"), notes
+    assert len(notes) == 1 and notes[0].startswith("distq: note: native kernels unavailable (no C++ compiler found"), notes

@@ -18,27 +18,9 @@ import torch.nn.functional as F
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot, pack_weight
 from distq.infer.layers import channel_affine, dorefa_values
 from distq.infer.native import ops
-from distq.infer.native.library import available_isas, isa, load, set_isa
+from distq.native.library import load, on_every_isa
 
 pytestmark = pytest.mark.skipif(load() is None, reason="native kernels unavailable (no C++ compiler)")
-
-ISAS = available_isas(load()) if load() is not None else []
-
-
-def on_every_isa(run):
-    """{instruction set: run()} for every instruction set this CPU supports; the best one is
-    selected again afterwards."""
-    lib = load()
-    best = isa(lib)
-    try:
-        results = {}
-        for name in ISAS:
-            set_isa(lib, name)
-            results[name] = run()
-        return results
-    finally:
-        set_isa(lib, best)
-
 
 def assert_equal_on_every_isa(run, expected):
     for name, got in on_every_isa(run).items():

@@ -28,7 +28,7 @@ import distq.quant.triton_kernels as K
 
 WORKER = Path(__file__).with_name("cuda_build_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CAPABILITIES = ("80", "90")
+CAPABILITIES = ("80", "90", "100")
 EXPLICIT_FMA = {"_dorefa_backward"}  # tl.fma(-t, t, 1): PyTorch's tanh_backward contracts 1 - t*t
 
 

@@ -1,9 +1,9 @@
-"""Native bit kernels for the integer engine: C++ compiled on this machine, called with ctypes.
+"""Native bit kernels for the integer engine, on torch tensors.
 
-``bitops_api.h`` is the C interface; ``isa_*.cpp`` hold the kernels for AVX-512 (VPOPCNTDQ),
-AVX2 and plain C++, chosen at run time by ``entry.cpp``; ``build.py`` compiles them,
-``library.py`` loads them (or says once why not), ``ops.py`` runs them on torch tensors.
-The torch kernels of ``distq.infer.bitops`` stay the reference that these must equal.
+The C++ library itself (``bitops_api.h``, ``isa_*.cpp`` for AVX-512 (VPOPCNTDQ), AVX2 and plain
+C++ chosen at run time by ``entry.cpp``) is built and loaded by ``distq.native``, which the CPU
+quantizers use too; ``ops.py`` here runs the bit kernels on torch tensors. The torch kernels of
+``distq.infer.bitops`` stay the reference that these must equal.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ KERNEL_CHOICES = ("auto", "native", "reference")
 def use_native(kernels: str) -> bool:
     """Whether an engine built with ``kernels`` runs the native kernels."""
     from distq.errors import DistqError
-    from distq.infer.native.library import load
+    from distq.native.library import load
 
     if kernels not in KERNEL_CHOICES:
         raise DistqError(f"integer engine kernels must be one of {', '.join(KERNEL_CHOICES)}, not {kernels!r}")
@@ -29,7 +29,7 @@ def use_native(kernels: str) -> bool:
 
 def describe() -> str:
     """'native (avx512)' or 'reference', for reports and benchmarks."""
-    from distq.infer.native.library import isa, load
+    from distq.native.library import isa, load
 
     lib = load()
     return "reference" if lib is None else f"native ({isa(lib)})"

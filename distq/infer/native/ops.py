@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from distq.infer.bitops import PackedWeight, PlaneCode
-from distq.infer.native.library import ELEMENT_KINDS, MAX_PLANES, OUT_KINDS, Code, Layer, load
+from distq.native.library import ELEMENT_KINDS, MAX_PLANES, OUT_KINDS, Code, Layer, load
 
 VECTOR_CHANNELS = 8
 """Output channels per widest vector (AVX-512: 8 x 64 bits): the padding of the weight layout."""

@@ -50,6 +50,8 @@ struct IsaKernels {
     void (*affine_quantize_pool)(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t h, int64_t w,
                                  const void* scale, const void* shift, int32_t levels, const int32_t* geometry, int64_t oh,
                                  int64_t ow, void* values, uint8_t* codes, int32_t threads);
+    void (*act_quant_train)(const float* x, float* y, uint8_t* mask, int64_t count, int32_t levels, int32_t threads);
+    void (*masked_grad_train)(const float* grad, const uint8_t* mask, float* out, int64_t count, int32_t threads);
 };
 
 const IsaKernels* portable_kernels();

@@ -1,5 +1,5 @@
 // The C interface of the native bit kernels, shared by every translation unit and mirrored
-// field for field by ctypes structures in distq/infer/native/library.py.
+// field for field by ctypes structures in distq/native/library.py.
 //
 // Operands are bit planes packed along the reduction dimension into 64-bit words: bit k of
 // a row of K binary values is bit k % 64 of word k / 64, and the tail of the last word is
@@ -82,6 +82,14 @@ void dq_profile(int32_t on, double* seconds);
 int dq_affine_quantize_pool(const void* y, int32_t is_double, int64_t n, int64_t c, int64_t h, int64_t w, const void* scale,
                             const void* shift, int32_t levels, const int32_t* geometry, void* values, uint8_t* codes,
                             int32_t threads);
+
+// The training activation quantizer (distq.quant.eager on the CPU): y = Q_levels(clamp(x, 0, 1))
+// rounded step by step as torch computes it, and mask = 1 where the clamp left x unchanged
+// (mask may be null: no mask wanted). 1 <= levels <= 255.
+int dq_act_quant_train(const float* x, float* y, uint8_t* mask, int64_t count, int32_t levels, int32_t threads);
+
+// Its backward: out = grad * mask, the product torch computes with a uint8 mask.
+int dq_masked_grad_train(const float* grad, const uint8_t* mask, float* out, int64_t count, int32_t threads);
 
 int dq_best_isa(void);                // the widest instruction set this CPU and build support
 int dq_set_isa(int32_t isa);          // 0 on success, -1 if not supported here

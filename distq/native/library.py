@@ -2,8 +2,8 @@
 and the one place that decides whether this process has native kernels at all.
 
 ``load()`` builds (if needed) and loads the library once per process. Where that fails it
-says so in one line on stderr, once, and returns None: the engine then runs its torch
-reference kernels.
+says so in one line on stderr, once, and returns None: the integer engine and the CPU
+activation quantizer then run their torch reference kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch  # first: the library's libgomp.so.1 must resolve to the one torch loaded
 
-from distq.infer.native.build import BuildError, build
+from distq.native.build import BuildError, build
 
 MAX_PLANES = 32
 ISAS = ("portable", "avx2", "avx512")
@@ -67,6 +67,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dq_affine_to_channels_last": [p, i32, i64, i64, i64, p, p, i32, p, p, i32],
         "dq_max_pool_codes": [p, i64, i64, i64, i64, p, p, i32, p, p, i32],
         "dq_affine_quantize_pool": [p, i32, i64, i64, i64, i64, p, p, i32, p, p, p, i32],
+        "dq_act_quant_train": [p, p, p, i64, i32, i32],
+        "dq_masked_grad_train": [p, p, p, i64, i32],
         "dq_profile": [i32, p],
         "dq_best_isa": [],
         "dq_set_isa": [i32],
@@ -97,8 +99,8 @@ def _load_or_explain() -> ctypes.CDLL | None:
         lib = _declare(ctypes.CDLL(str(path)))
     except (BuildError, OSError) as exc:
         print(
-            f"distq: note: native bit kernels unavailable ({exc}); the integer engine uses its torch reference "
-            "kernels, which are exact but about 10-40x slower",
+            f"distq: note: native kernels unavailable ({exc}); the integer engine and the CPU activation quantizer "
+            "use their torch reference kernels, which are exact but slower (the engine about 10-40x)",
             file=sys.stderr,
             flush=True,
         )
@@ -126,3 +128,18 @@ def available_isas(lib: ctypes.CDLL) -> list[str]:
 
 def library_path(lib: ctypes.CDLL) -> Path:
     return Path(lib._name)
+
+
+def on_every_isa(run) -> dict:
+    """{instruction set: run()} for every instruction set this CPU supports (for tests and
+    benchmarks); the one that was selected is selected again afterwards."""
+    lib = load()
+    selected = isa(lib)
+    try:
+        results = {}
+        for name in available_isas(lib):
+            set_isa(lib, name)
+            results[name] = run()
+        return results
+    finally:
+        set_isa(lib, selected)

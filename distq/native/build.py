@@ -6,7 +6,7 @@ seconds with any C++17 compiler, ties the library to no torch or Python ABI (a t
 upgrade does not invalidate it), and needs nothing at ``pip install`` time: ``make install``
 compiles it right after installing the package, and the first engine that needs it compiles
 it if that did not happen. Where no compiler works, the engine keeps its torch reference
-kernels (``distq.infer.native.library``).
+kernels (``distq.native.library``).
 
 The library lands next to the sources (``_compiled/``) when the package folder is writable
 (an editable install, as ``make install`` does), else under the distq cache
@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from distq.cache import default_cache_dir
 
 SOURCE_DIR = Path(__file__).resolve().parent
 HEADERS = ("bitops_api.h", "isa_table.h", "bitops_kernels.inc")
@@ -78,8 +80,6 @@ def library_name(cxx: str, openmp: bool = True) -> str:
 
 def library_dirs() -> list[Path]:
     """Where a built library may be, in the order they are searched and written."""
-    from distq.data.digits import default_cache_dir
-
     return [SOURCE_DIR / "_compiled", default_cache_dir() / "native"]
 
 
