@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distq.cache import default_cache_dir
 from distq.config.schema import DataConfig
 from distq.data import build_loaders
-from distq.cache import default_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10
