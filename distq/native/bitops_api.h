@@ -91,6 +91,18 @@ int dq_act_quant_train(const float* x, float* y, uint8_t* mask, int64_t count, i
 // Its backward: out = grad * mask, the product torch computes with a uint8 mask.
 int dq_masked_grad_train(const float* grad, const uint8_t* mask, float* out, int64_t count, int32_t threads);
 
+// DoReFa k-bit weights in training (distq.quant.eager on the CPU), over `rows` rows of row_len
+// floats with the scale s[r] of each (rows = 1: per tensor), each step rounded as torch rounds it.
+// Forward, from t = tanh(w): q = round((t / (2 s) + 1/2) levels) / (levels / 2) - 1.
+int dq_dorefa_forward_train(const float* t, const float* s, float* q, int64_t rows, int64_t row_len, int32_t levels,
+                            int32_t threads);
+// Backward, first pass: terms = (t / 2s) / 2s * g (for torch to sum) and peaks[r] = #{|t| == s}.
+int dq_dorefa_backward_terms(const float* t, const float* s, const float* g, float* terms, int64_t* peaks, int64_t rows,
+                             int64_t row_len, int32_t threads);
+// Backward, second pass: out = copysign(|t| == s, t) * share[r] + g / s (tanh' is torch's, after).
+int dq_dorefa_backward_grad(const float* t, const float* s, const float* share, const float* g, float* out, int64_t rows,
+                            int64_t row_len, int32_t threads);
+
 int dq_best_isa(void);                // the widest instruction set this CPU and build support
 int dq_set_isa(int32_t isa);          // 0 on success, -1 if not supported here
 int dq_current_isa(void);

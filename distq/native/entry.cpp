@@ -217,4 +217,25 @@ int dq_masked_grad_train(const float* grad, const uint8_t* mask, float* out, int
     return 0;
 }
 
+int dq_dorefa_forward_train(const float* t, const float* s, float* q, int64_t rows, int64_t row_len, int32_t levels,
+                            int32_t threads) {
+    if (levels < 1 || levels > 255 || rows < 1 || row_len < 0) return -1;
+    active()->dorefa_forward_train(t, s, q, rows, row_len, levels, threads);
+    return 0;
+}
+
+int dq_dorefa_backward_terms(const float* t, const float* s, const float* g, float* terms, int64_t* peaks, int64_t rows,
+                             int64_t row_len, int32_t threads) {
+    if (rows < 1 || row_len < 0) return -1;
+    active()->dorefa_backward_terms(t, s, g, terms, peaks, rows, row_len, threads);
+    return 0;
+}
+
+int dq_dorefa_backward_grad(const float* t, const float* s, const float* share, const float* g, float* out, int64_t rows,
+                            int64_t row_len, int32_t threads) {
+    if (rows < 1 || row_len < 0) return -1;
+    active()->dorefa_backward_grad(t, s, share, g, out, rows, row_len, threads);
+    return 0;
+}
+
 }  // extern "C"

@@ -52,6 +52,12 @@ struct IsaKernels {
                                  int64_t ow, void* values, uint8_t* codes, int32_t threads);
     void (*act_quant_train)(const float* x, float* y, uint8_t* mask, int64_t count, int32_t levels, int32_t threads);
     void (*masked_grad_train)(const float* grad, const uint8_t* mask, float* out, int64_t count, int32_t threads);
+    void (*dorefa_forward_train)(const float* t, const float* s, float* q, int64_t rows, int64_t row_len, int32_t levels,
+                                 int32_t threads);
+    void (*dorefa_backward_terms)(const float* t, const float* s, const float* g, float* terms, int64_t* peaks, int64_t rows,
+                                  int64_t row_len, int32_t threads);
+    void (*dorefa_backward_grad)(const float* t, const float* s, const float* share, const float* g, float* out, int64_t rows,
+                                 int64_t row_len, int32_t threads);
 };
 
 const IsaKernels* portable_kernels();

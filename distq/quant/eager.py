@@ -81,6 +81,9 @@ def dorefa_forward(w: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch
     t = torch.tanh(w)
     s = _max_abs(t, reduce_dims(w, per_channel))
     s = s.masked_fill(s == 0, 1.0)
+    q = native_cpu.dorefa_forward(t, s, bits, per_channel)
+    if q is not None:
+        return q, t, s
     q = t / (2 * s)
     # round(...) / levels * 2 - 1, with "/ levels * 2" as one exact "/ (levels / 2)".
     q.add_(0.5).mul_(levels).round_().div_(levels / 2).sub_(1)
@@ -94,6 +97,13 @@ def dorefa_backward(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor, per_ch
     equally among the elements where |t| == s (with the sign of t, from abs); then
     tanh' = 1 - t^2. One buffer, reused in place step by step."""
     dims = reduce_dims(t, per_channel)
+    parts = native_cpu.dorefa_backward_terms(t, s, grad, per_channel)
+    if parts is not None:  # the same values as below, two passes instead of eight
+        terms, peaks = parts
+        share = -4 * _sum(terms, dims) / peaks.view(s.shape).to(t.dtype).clamp_min_(1)
+        grad_t = native_cpu.dorefa_backward_grad(t, s, share.contiguous(), grad, per_channel)
+        if grad_t is not None:
+            return torch.ops.aten.tanh_backward.grad_input(grad_t, t, grad_input=grad_t)
     d = 2 * s
     # dL/ds = 2 dL/dd, dL/dd = sum(-2 g (t / d) / d) (the upstream of t / d is 2 g, from 2 Q - 1).
     buf = t / d

@@ -119,3 +119,64 @@ def test_without_a_compiler_training_says_so_once_and_runs_the_pytorch_passes(tm
     assert proc.stdout.split() == ["trained"]
     notes = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(notes) == 1 and "native kernels unavailable (no C++ compiler found" in notes[0], notes
+
+
+# --- DoReFa weights ---------------------------------------------------------------------------
+
+EDGE_WEIGHTS = torch.tensor(
+    [
+        [0.5, -0.5, 0.2, 0.5, 0.0, -0.0],  # the maximum |tanh| three times, both signs
+        [12.0, 30.0, -15.0, 1.0, 1.5, -1.0],  # tanh saturates to exactly +-1
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # an all-zero channel
+        [-2.0, -2.0, 0.3, 0.1, -0.1, 0.25],
+    ]
+)
+
+
+def weight_cases():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(64, 32, 3, 3), (33, 7, 1, 1), (10, 20), (7,), (256, 128, 3, 3)]:  # the last: > 2^16, threads split one row
+        yield 0.05 * torch.randn(shape, generator=g)
+    yield EDGE_WEIGHTS
+    yield torch.zeros(8, 3, 3, 3)
+    yield (0.05 * torch.randn(16, 8, 3, 3, generator=g)).contiguous(memory_format=torch.channels_last)
+
+
+def dorefa_both(w: torch.Tensor, bits: int, per_channel: bool, monkeypatch):
+    """(forward, backward) through eager's DoReFa functions with the native loops, and with
+    PyTorch's passes only (the library hidden), on the same upstream gradient."""
+    grad = torch.empty_like(w).copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(bits)))  # w's layout
+
+    def run():
+        q, t, s = eager.dorefa_forward(w, bits, per_channel)
+        return q, eager.dorefa_backward(grad, t, s, per_channel)
+
+    native = on_every_isa(run)
+    with monkeypatch.context() as m:
+        m.setattr(native_cpu, "load", lambda: None)
+        reference = run()
+    return native, reference
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dorefa_weights_are_the_pytorch_passes_to_the_bit(bits, monkeypatch):
+    calls = []
+    real_load = native_cpu.load
+    monkeypatch.setattr(native_cpu, "load", lambda: calls.append(1) or real_load())
+    for w in weight_cases():
+        for per_channel in (False, True):
+            native, (want_q, want_g) = dorefa_both(w, bits, per_channel, monkeypatch)
+            for isa, (q, g) in native.items():
+                case = f"{isa} {tuple(w.shape)} per_channel={per_channel}"
+                assert torch.equal(bits_of(q), bits_of(want_q)), case
+                assert torch.equal(bits_of(g), bits_of(want_g)), f"{case}: {(bits_of(g) != bits_of(want_g)).sum()} gradients differ"
+    assert calls  # the loops ran (the comparison is not PyTorch against itself)
+
+
+def test_dorefa_loops_decline_what_they_do_not_take():
+    w = (0.05 * torch.randn(16, 8, 3, 3)).contiguous(memory_format=torch.channels_last)
+    t = torch.tanh(w)
+    s = t.abs().amax(dim=(1, 2, 3), keepdim=True)
+    assert native_cpu.dorefa_forward(t, s, 4, True) is None  # per channel: rows must be contiguous
+    assert native_cpu.dorefa_forward(t.double(), s.double(), 4, False) is None  # fp32 only
+    assert native_cpu.dorefa_backward_terms(t, t.abs().amax(), torch.randn(w.shape), False) is None  # grad in another layout
