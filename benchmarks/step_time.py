@@ -2,10 +2,11 @@
 
     python benchmarks/step_time.py [--archs resnet18,resnet50] [--batch 8] [--size 224] [--rounds 5] [--threads 1]
 
-Builds each ResNet with distq's registry, three ways: the float model (torchvision's
+Builds each ResNet with distq's registry, four ways: the float model (torchvision's
 layers, in-place ReLU); the same network through ``quantize_model`` at 32 bits (what a
-guided run's full-precision guide is); and ``quantize_model`` at W4A4 (first conv, last
-linear and final activation kept full precision, the defaults). One step is zero_grad,
+guided run's full-precision guide is); ``quantize_model`` at W4A4 (first conv, last
+linear and final activation kept full precision, the defaults); and that W4A4 network with
+the native quantizer loops turned off (PyTorch's passes only, as without a C++ compiler). One step is zero_grad,
 forward, cross-entropy, backward and a plain SGD step (momentum 0.9, lr 1e-3) on one fixed
 random batch. The variants are timed round-robin in this process; ratios are medians over
 rounds of the per-round ratio to the float model. Then one W4A4 step of each arch runs
@@ -25,16 +26,30 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from distq.models import build_float_model, quantize_model
+from distq.quant import native_cpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import REPORT, context_lines, set_threads, time_interleaved, write_section  # noqa: E402
 
 TITLE = "Training step: W4A4 vs full precision"
-TARGET = 1.3
+TARGET = 1.10  # issue 13: a W4A4 step on the CPU at most 1.10x the float one
 # The eager path (autograd.Functions) and the custom operators (Triton kernels, compiled models).
 QUANTIZER_FORWARD = ("_ActQuant", "_DorefaWeight", "_BinaryWeight", "_AQE", "distq::act_quant", "distq::dorefa_weight", "distq::binary_weight", "distq::aqe")
 QUANTIZER_BACKWARD = (*(f + "Backward" for f in QUANTIZER_FORWARD[:4]), "distq::masked_grad", "distq::dorefa_weight_backward",
                       "distq::inside_unit", "distq::aqe_backward")  # fmt: skip
+
+
+TORCH_ONLY = "PyTorch passes"
+
+
+def pytorch_passes_only(step):
+    """``step`` with the native quantizer loops off: what a machine without a C++ compiler runs."""
+
+    def run():
+        with native_cpu.pytorch_passes_only():
+            step()
+
+    return run
 
 
 def build(arch: str, bits: int | None, num_classes: int) -> torch.nn.Module:
@@ -93,17 +108,19 @@ def main() -> None:
         variants[(arch, "float")] = make_step(build(arch, None, args.classes), images, labels)
         variants[(arch, "FP32 layers")] = make_step(build(arch, 32, args.classes), images, labels)
         variants[(arch, q)] = make_step(build(arch, args.bits, args.classes), images, labels)
+        variants[(arch, TORCH_ONLY)] = pytorch_passes_only(make_step(build(arch, args.bits, args.classes), images, labels))
     timings = time_interleaved({f"{a}|{v}": fn for (a, v), fn in variants.items()}, args.rounds)
 
     rows, ratios = [], {}
     for arch in archs:
         base = f"{arch}|float"
         row = {"float s": timings.median(base), "float wall s": timings.median(base, "wall")}
-        for v in ("FP32 layers", q):
+        for v in ("FP32 layers", q, TORCH_ONLY):
             row[v] = {clock: timings.ratio(f"{arch}|{v}", base, clock) for clock in ("cpu", "wall")}
         ratios[arch] = row[q]["cpu"]
         rows.append((arch, row))
-        print(f"{arch}: float {row['float s']:.3f} s/step; FP32 layers {row['FP32 layers']['cpu']:.2f}x; {q} {row[q]['cpu']:.2f}x (wall {row[q]['wall']:.2f}x)", flush=True)
+        print(f"{arch}: float {row['float s']:.3f} s/step; FP32 layers {row['FP32 layers']['cpu']:.2f}x; {q} {row[q]['cpu']:.2f}x (wall {row[q]['wall']:.2f}x); "
+              f"{q} with PyTorch's passes only {row[TORCH_ONLY]['cpu']:.2f}x", flush=True)  # fmt: skip
     shares = {}
     if not args.no_profile:
         for arch in archs:
@@ -122,15 +139,16 @@ def main() -> None:
         f"- What: one training step (zero_grad, forward, cross-entropy, backward, SGD momentum 0.9) on a fixed random batch of "
         f"{args.batch} images {args.size}x{args.size}, {args.classes} classes; ratios are medians over {args.rounds} interleaved rounds "
         f"of the per-round ratio to the float model (torchvision layers, in-place ReLU). `FP32 layers` is the same network "
-        f"through `quantize_model` at 32 bits (QConv2d/QAct at full precision: the guide of a guided run). On CPU the batch is "
-        f"small (8 at 224 px) to keep the run to minutes.",
+        f"through `quantize_model` at 32 bits (QConv2d/QAct at full precision: the guide of a guided run). `PyTorch passes` is the "
+        f"W4A4 network with distq's native quantizer loops turned off (`distq.quant.native_cpu`), as on a machine without a C++ "
+        f"compiler. On CPU the batch is small (8 at 224 px) to keep the run to minutes.",
         "",
-        f"| model | float step, CPU s (wall s) | FP32 layers / float | {q} / float (CPU time) | {q} / float (wall) |"
+        f"| model | float step, CPU s (wall s) | FP32 layers / float | {q} / float (CPU time) | {q} / float (wall) | {q} / float, PyTorch passes |"
         + (" quantizers' share of a profiled W4A4 step (fwd + bwd) |" if shares else ""),
-        "|---|---:|---:|---:|---:|" + ("---:|" if shares else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if shares else ""),
     ]
     for arch, row in rows:
-        line = f"| {arch} | {row['float s']:.2f} ({row['float wall s']:.2f}) | {row['FP32 layers']['cpu']:.2f}x | **{row[q]['cpu']:.2f}x** | {row[q]['wall']:.2f}x |"
+        line = f"| {arch} | {row['float s']:.2f} ({row['float wall s']:.2f}) | {row['FP32 layers']['cpu']:.2f}x | **{row[q]['cpu']:.2f}x** | {row[q]['wall']:.2f}x | {row[TORCH_ONLY]['cpu']:.2f}x |"
         if shares:
             line += f" {100 * shares[arch]['forward']:.1f}% + {100 * shares[arch]['backward']:.1f}% |"
         lines.append(line)

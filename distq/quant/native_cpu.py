@@ -14,9 +14,28 @@ returns None and the caller runs the PyTorch passes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from distq.native.library import load
+from distq.native import library
+
+_off = [False]
+
+
+@contextlib.contextmanager
+def pytorch_passes_only():
+    """Within the block the quantizers run PyTorch's passes, not the loops (to compare the two)."""
+    before, _off[0] = _off[0], True
+    try:
+        yield
+    finally:
+        _off[0] = before
+
+
+def load():
+    """The native library, or None where it does not load or inside ``pytorch_passes_only``."""
+    return None if _off[0] else library.load()
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -142,7 +142,7 @@ def weight_cases():
     yield (0.05 * torch.randn(16, 8, 3, 3, generator=g)).contiguous(memory_format=torch.channels_last)
 
 
-def dorefa_both(w: torch.Tensor, bits: int, per_channel: bool, monkeypatch):
+def dorefa_both(w: torch.Tensor, bits: int, per_channel: bool):
     """(forward, backward) through eager's DoReFa functions with the native loops, and with
     PyTorch's passes only (the library hidden), on the same upstream gradient."""
     grad = torch.empty_like(w).copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(bits)))  # w's layout
@@ -152,8 +152,7 @@ def dorefa_both(w: torch.Tensor, bits: int, per_channel: bool, monkeypatch):
         return q, eager.dorefa_backward(grad, t, s, per_channel)
 
     native = on_every_isa(run)
-    with monkeypatch.context() as m:
-        m.setattr(native_cpu, "load", lambda: None)
+    with native_cpu.pytorch_passes_only():
         reference = run()
     return native, reference
 
@@ -165,7 +164,7 @@ def test_dorefa_weights_are_the_pytorch_passes_to_the_bit(bits, monkeypatch):
     monkeypatch.setattr(native_cpu, "load", lambda: calls.append(1) or real_load())
     for w in weight_cases():
         for per_channel in (False, True):
-            native, (want_q, want_g) = dorefa_both(w, bits, per_channel, monkeypatch)
+            native, (want_q, want_g) = dorefa_both(w, bits, per_channel)
             for isa, (q, g) in native.items():
                 case = f"{isa} {tuple(w.shape)} per_channel={per_channel}"
                 assert torch.equal(bits_of(q), bits_of(want_q)), case
