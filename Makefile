@@ -13,9 +13,9 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch/torchvision are pinned to the releases this project is tested with; the CUDA
-# build runs on CPU-only machines too. The last step compiles the integer engine's native
-# bit kernels (a few seconds; without a C++ compiler it says so and the engine keeps its
-# torch kernels).
+# build runs on CPU-only machines too. The last step compiles distq's native kernels (the
+# integer engine's bit kernels and the CPU quantizer loops; a few seconds; without a C++
+# compiler it says so and both keep their torch kernels).
 $(STAMP): pyproject.toml requirements/torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
