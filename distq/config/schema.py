@@ -87,8 +87,9 @@ class QuantConfig:
     """Keep the activation feeding the final pooling full precision."""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """Quantizer implementation: triton (fused Triton kernels: on CUDA, or on the CPU under
-    TRITON_INTERPRET=1 for tests), torch (plain PyTorch operations), auto (Triton for CUDA
-    tensors, PyTorch elsewhere). All give the same outputs to the bit."""
+    TRITON_INTERPRET=1 for tests), torch (PyTorch operations; on the CPU distq's native loops
+    for fp32 where they are compiled, DISTQ_NATIVE=0 turns them off), auto (Triton for CUDA
+    tensors, torch elsewhere). All give the same outputs to the bit."""
 
     def __post_init__(self):
         check_bits(self.w_bits, "quant.w_bits")
