@@ -35,6 +35,8 @@ import triton.language as tl
 
 BLOCK = 1024
 ROW_BLOCK = 1024
+SPLIT = 32 * ROW_BLOCK
+"""Elements of one row per program in the weight quantizer's reductions (see "DoReFa k-bit weights")."""
 NO_FMA = {"enable_fp_fusion": False}  # an FMA rounds once where PyTorch rounds twice
 
 
@@ -154,32 +156,50 @@ def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # --- DoReFa k-bit weights -------------------------------------------------------------------
+# The scale is a reduction over a row (the whole tensor, or one output channel). A row longer
+# than SPLIT elements is reduced by several programs, one per SPLIT-long piece (a per-tensor
+# scale over millions of weights would otherwise stream through one SM), each writing a partial
+# result; the elementwise kernel that follows combines the row's partials itself, in a fixed
+# order (deterministic, and no kernel in between).
 
 
 @triton.jit
-def _row_max_abs(t_ptr, s_ptr, row_len, ROW_BLOCK: tl.constexpr):
-    """s[row] = max |t| over the row, 1 where that is 0 (an all-zero channel)."""
+def _row_max_abs(t_ptr, part_ptr, row_len, splits, SPLIT: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """part[row, k] = max |t| over the k-th SPLIT elements of the row."""
     row = tl.program_id(0)
+    piece = tl.program_id(1)
     best = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
-    for start in range(0, row_len, ROW_BLOCK):
+    end = tl.minimum(piece * SPLIT + SPLIT, row_len)
+    for start in range(piece * SPLIT, end, ROW_BLOCK):
         offs = start + tl.arange(0, ROW_BLOCK)
-        t = tl.load(t_ptr + row * row_len + offs, mask=offs < row_len, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + row * row_len + offs, mask=offs < end, other=0.0).to(tl.float32)
         best = _max(best, tl.abs(t))
-    s = tl.reduce(best, 0, _max)
-    s = tl.where(s == 0.0, 1.0, s)
-    tl.store(s_ptr + row, s)
+    tl.store(part_ptr + row * splits + piece, tl.reduce(best, 0, _max))
 
 
 @triton.jit
-def _dorefa_forward(t_ptr, s_ptr, q_ptr, n, row_len, levels, half_levels, reciprocal, magic, RECIPROCAL: tl.constexpr,
-                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """q = round((t / (2 s) + 1/2) * levels) / (levels / 2) - 1, each step rounded as eager."""
+def _row_scale(part_ptr, row, splits, inb):
+    """The scale of ``row`` from its partial maxima: their maximum, 1 where that is 0 (an
+    all-zero row, which quantizes to the level nearest 0 instead of 0 / 0)."""
+    s = tl.load(part_ptr + row * splits, mask=inb, other=1.0)
+    for piece in range(1, splits):
+        s = _max(s, tl.load(part_ptr + row * splits + piece, mask=inb, other=1.0))
+    return tl.where(s == 0.0, 1.0, s)
+
+
+@triton.jit
+def _dorefa_forward(t_ptr, part_ptr, s_ptr, q_ptr, n, row_len, splits, levels, half_levels, reciprocal, magic,
+                    RECIPROCAL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """q = round((t / (2 s) + 1/2) * levels) / (levels / 2) - 1, each step rounded as eager; the
+    first element of each row also writes the row's scale to s."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     t_raw = tl.load(t_ptr + offs, mask=inb, other=0.0)
     out_dtype = t_raw.dtype
     t = t_raw.to(COMPUTE)
-    s = tl.load(s_ptr + offs // row_len, mask=inb, other=1.0).to(COMPUTE)
+    row = offs // row_len
+    s = _row_scale(part_ptr, row, splits, inb).to(COMPUTE)  # the max of |t| is one of its elements: exact in t's dtype
+    tl.store(s_ptr + row, s.to(out_dtype), mask=inb & (offs % row_len == 0))
     q = _round_to(_div(t, 2.0 * s), out_dtype, COMPUTE)
     q = _round_to(q + 0.5, out_dtype, COMPUTE)
     q = _round_to(q * levels, out_dtype, COMPUTE)
@@ -188,17 +208,20 @@ def _dorefa_forward(t_ptr, s_ptr, q_ptr, n, row_len, levels, half_levels, recipr
 
 
 @triton.jit
-def _dorefa_backward_sums(t_ptr, s_ptr, g_ptr, sums_ptr, row_len, ROW_BLOCK: tl.constexpr):
-    """Per row: sum((t / d) / d * g) and the number of peaks (|t| == s); d = 2 s. Each term is
-    rounded to the dtype as the eager code's in-place buffer rounds it; the sum is in fp32."""
+def _dorefa_backward_sums(t_ptr, s_ptr, g_ptr, part_ptr, row_len, splits, SPLIT: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Per row and SPLIT-long piece: sum((t / d) / d * g) and the number of peaks (|t| == s);
+    d = 2 s. Each term is rounded to the dtype as the eager code's in-place buffer rounds it;
+    the sums are in fp32."""
     row = tl.program_id(0)
+    piece = tl.program_id(1)
     s = tl.load(s_ptr + row).to(tl.float32)
     d = 2.0 * s
     acc = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
     peaks = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
-    for start in range(0, row_len, ROW_BLOCK):
+    end = tl.minimum(piece * SPLIT + SPLIT, row_len)
+    for start in range(piece * SPLIT, end, ROW_BLOCK):
         offs = start + tl.arange(0, ROW_BLOCK)
-        inb = offs < row_len
+        inb = offs < end
         t_raw = tl.load(t_ptr + row * row_len + offs, mask=inb, other=0.0)
         dtype = t_raw.dtype
         t = t_raw.to(tl.float32)
@@ -206,17 +229,20 @@ def _dorefa_backward_sums(t_ptr, s_ptr, g_ptr, sums_ptr, row_len, ROW_BLOCK: tl.
         term = _round_to(_div(_round_to(_div(t, d), dtype, tl.float32), d), dtype, tl.float32)
         acc += _round_to(term * g, dtype, tl.float32)
         peaks += tl.where(inb & (tl.abs(t) == s), 1.0, 0.0)
-    tl.store(sums_ptr + 2 * row, tl.sum(acc, axis=0))
-    tl.store(sums_ptr + 2 * row + 1, tl.sum(peaks, axis=0))
+    at = 2 * (row * splits + piece)
+    tl.store(part_ptr + at, tl.sum(acc, axis=0))
+    tl.store(part_ptr + at + 1, tl.sum(peaks, axis=0))
 
 
 @triton.jit
-def _dorefa_backward(t_ptr, s_ptr, g_ptr, share_ptr, out_ptr, n, row_len, FMA_IN_FP64: tl.constexpr, COMPUTE: tl.constexpr,
+def _dorefa_backward(t_ptr, s_ptr, g_ptr, part_ptr, out_ptr, n, row_len, splits, FMA_IN_FP64: tl.constexpr, COMPUTE: tl.constexpr,
                      BLOCK: tl.constexpr):  # fmt: skip
-    """dL/dw = (share * sign(t) at the peaks + g / s) * (1 - t^2), rounded as eager rounds it:
-    ``addcdiv`` once (in fp32, then to the dtype), ``tanh_backward`` as ``g * fma(-t, t, 1)``
-    (PyTorch's compiled kernel contracts 1 - t t into one FMA) then once to the dtype. The
-    interpreter's ``tl.fma`` rounds twice; there the product is taken exactly in fp64 instead."""
+    """dL/dw = (share * sign(t) at the peaks + g / s) * (1 - t^2), rounded as eager rounds it.
+    share = -4 sum / max(peaks, 1) from the row's partial sums (added in piece order), each
+    rounded to the dtype as the eager code's tensors are; ``addcdiv`` once (in fp32, then to
+    the dtype), ``tanh_backward`` as ``g * fma(-t, t, 1)`` (PyTorch's compiled kernel contracts
+    1 - t t into one FMA) then once to the dtype. The interpreter's ``tl.fma`` rounds twice;
+    there the product is taken exactly in fp64 instead."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     g_raw = tl.load(g_ptr + offs, mask=inb, other=0.0)
@@ -225,7 +251,14 @@ def _dorefa_backward(t_ptr, s_ptr, g_ptr, share_ptr, out_ptr, n, row_len, FMA_IN
     t = tl.load(t_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     row = offs // row_len
     s = tl.load(s_ptr + row, mask=inb, other=1.0).to(COMPUTE)
-    share = tl.load(share_ptr + row, mask=inb, other=0.0).to(COMPUTE)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    count = tl.zeros((BLOCK,), dtype=tl.float32)
+    for piece in range(0, splits):
+        at = 2 * (row * splits + piece)
+        total += tl.load(part_ptr + at, mask=inb, other=0.0)
+        count += tl.load(part_ptr + at + 1, mask=inb, other=0.0)
+    grad_s = _round_to(-4.0 * _round_to(total, out_dtype, tl.float32), out_dtype, tl.float32)  # -4 x: exact
+    share = _round_to(_div(grad_s, _max(_round_to(count, out_dtype, tl.float32), 1.0)), out_dtype, tl.float32).to(COMPUTE)
     peak = tl.abs(t) == s
     signed = tl.where(t < 0.0, -share, share)
     grad_t = _round_to(tl.where(peak, signed, 0.0) + _div(g, s), out_dtype, COMPUTE)
@@ -245,32 +278,37 @@ def _scale_shape(w: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
     return (w.shape[0],) + (1,) * (w.dim() - 1) if per_channel and w.dim() > 1 else ()
 
 
+def _splits(row_len: int) -> int:
+    """How many programs reduce one row (each SPLIT elements; read at call time, tests shrink SPLIT)."""
+    return max(1, triton.cdiv(row_len, SPLIT))
+
+
 def dorefa_forward(t: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s) from t = tanh(w): s has the eager code's shape (keepdim per channel, 0-dim per tensor)."""
     t = t.contiguous()
-    rows = _rows(t, per_channel)
-    s = torch.empty(rows, dtype=torch.float32, device=t.device)
-    n = t.numel()
-    _row_max_abs[(rows,)](t, s, n // rows, ROW_BLOCK=ROW_BLOCK, **NO_FMA)
-    s = s.to(t.dtype)  # the max of |t| is one of its elements: exact in t's dtype
+    rows, n = _rows(t, per_channel), t.numel()
+    row_len = n // rows
+    splits = _splits(row_len)
+    parts = torch.empty(rows * splits, dtype=torch.float32, device=t.device)
+    _row_max_abs[(rows, splits)](t, parts, row_len, splits, SPLIT=SPLIT, ROW_BLOCK=ROW_BLOCK, **NO_FMA)
+    s = torch.empty(rows, dtype=t.dtype, device=t.device)
     q = torch.empty_like(t)
     levels = (1 << bits) - 1
-    _dorefa_forward[_grid(n)](t, s, q, n, n // rows, float(levels), levels / 2, magic=_magic(t.dtype), COMPUTE=_compute_dtype(t.dtype),
-                              BLOCK=BLOCK, **_scalar_division(t, levels / 2), **NO_FMA)  # fmt: skip
+    _dorefa_forward[_grid(n)](t, parts, s, q, n, row_len, splits, float(levels), levels / 2, magic=_magic(t.dtype),
+                              COMPUTE=_compute_dtype(t.dtype), BLOCK=BLOCK, **_scalar_division(t, levels / 2), **NO_FMA)  # fmt: skip
     return q, s.view(_scale_shape(t, per_channel))
 
 
 def dorefa_backward(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor, per_channel: bool) -> torch.Tensor:
     grad, t = grad.contiguous(), t.contiguous()
-    rows = _rows(t, per_channel)
-    n = t.numel()
+    rows, n = _rows(t, per_channel), t.numel()
+    row_len = n // rows
+    splits = _splits(row_len)
     flat_s = s.reshape(rows).contiguous()
-    sums = torch.empty(rows, 2, dtype=torch.float32, device=t.device)
-    _dorefa_backward_sums[(rows,)](t, flat_s, grad, sums, n // rows, ROW_BLOCK=ROW_BLOCK, **NO_FMA)
-    # As eager: the sum rounded to the dtype, times -4, over the number of peaks (at least 1).
-    share = -4 * sums[:, 0].to(t.dtype) / sums[:, 1].to(t.dtype).clamp_min(1)
+    parts = torch.empty(rows * splits * 2, dtype=torch.float32, device=t.device)
+    _dorefa_backward_sums[(rows, splits)](t, flat_s, grad, parts, row_len, splits, SPLIT=SPLIT, ROW_BLOCK=ROW_BLOCK, **NO_FMA)
     out = torch.empty_like(grad)
-    _dorefa_backward[_grid(n)](t, flat_s, grad, share, out, n, n // rows, FMA_IN_FP64=os.environ.get("TRITON_INTERPRET") == "1",
+    _dorefa_backward[_grid(n)](t, flat_s, grad, parts, out, n, row_len, splits, FMA_IN_FP64=os.environ.get("TRITON_INTERPRET") == "1",
                                COMPUTE=_compute_dtype(t.dtype), BLOCK=BLOCK, **NO_FMA)  # fmt: skip
     return out
 

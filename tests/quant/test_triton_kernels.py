@@ -84,6 +84,23 @@ def test_weight_kernels(bits, dtype, device):
             compare(lambda v, k, pc=per_channel: weight_quant(v, bits, pc, k), w.to(device), inexact, rtol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_kernels_split_long_rows_over_programs(dtype, monkeypatch):
+    """A row longer than SPLIT elements (a per-tensor scale over a large weight) is reduced by
+    several programs, whose partial maxima and sums the elementwise kernels combine: the same
+    outputs as the PyTorch kernels, gradients within the peak tolerance, and the same bits on
+    every call (the partials are added in a fixed order)."""
+    from distq.quant import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "SPLIT", 1000)  # 3 to 19 pieces a row below; not a multiple of ROW_BLOCK
+    big, wide, zeros = weights((64, 32, 3, 3), dtype, 7), weights((3, 4000), dtype, 8), torch.zeros(3, 2500, dtype=dtype)
+    for w, per_channel in ((big, False), (wide, False), (wide, True), (zeros, False), (zeros, True)):
+        assert triton_kernels._splits(w.numel() // (w.shape[0] if per_channel else 1)) > 1
+        compare(lambda v, k, pc=per_channel: weight_quant(v, 4, pc, k), w, peaks(w, per_channel), PEAK_GRAD_RTOL[dtype])
+        first, again = (value_and_grad(lambda v, pc=per_channel: weight_quant(v, 4, pc, "triton"), w) for _ in range(2))
+        assert torch.equal(first[1], again[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", BITS)
