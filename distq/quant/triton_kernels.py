@@ -178,18 +178,44 @@ def _row_max_abs(t_ptr, part_ptr, row_len, splits, SPLIT: tl.constexpr, ROW_BLOC
 
 
 @triton.jit
-def _row_scale(part_ptr, row, splits, inb):
+def _row_scale(part_ptr, row, splits, inb, ONE_ROW: tl.constexpr, MAX_SPLITS: tl.constexpr):
     """The scale of ``row`` from its partial maxima: their maximum, 1 where that is 0 (an
-    all-zero row, which quantizes to the level nearest 0 instead of 0 / 0)."""
-    s = tl.load(part_ptr + row * splits, mask=inb, other=1.0)
-    for piece in range(1, splits):
-        s = _max(s, tl.load(part_ptr + row * splits + piece, mask=inb, other=1.0))
+    all-zero row, which quantizes to the level nearest 0 instead of 0 / 0). One row (a
+    per-tensor scale): the partials are read once per program, as one vector."""
+    if ONE_ROW:
+        pieces = tl.arange(0, MAX_SPLITS)
+        s = tl.reduce(tl.load(part_ptr + pieces, mask=pieces < splits, other=0.0), 0, _max)
+    else:
+        s = tl.load(part_ptr + row * splits, mask=inb, other=1.0)
+        for piece in range(1, splits):
+            s = _max(s, tl.load(part_ptr + row * splits + piece, mask=inb, other=1.0))
     return tl.where(s == 0.0, 1.0, s)
 
 
 @triton.jit
+def _row_share(part_ptr, row, splits, inb, out_dtype: tl.constexpr, ONE_ROW: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """-4 sum / max(peaks, 1) of ``row`` from its partial sums and peak counts, each rounded to
+    the dtype as the eager code's tensors are (-4 x is exact). The partials are added in a
+    fixed order (deterministic); one row: read once per program, as one vector."""
+    if ONE_ROW:
+        pieces = tl.arange(0, MAX_SPLITS)
+        total = tl.sum(tl.load(part_ptr + 2 * pieces, mask=pieces < splits, other=0.0), axis=0)
+        count = tl.sum(tl.load(part_ptr + 2 * pieces + 1, mask=pieces < splits, other=0.0), axis=0)
+    else:
+        total = tl.zeros(row.shape, dtype=tl.float32)
+        count = tl.zeros(row.shape, dtype=tl.float32)
+        for piece in range(0, splits):
+            at = 2 * (row * splits + piece)
+            total += tl.load(part_ptr + at, mask=inb, other=0.0)
+            count += tl.load(part_ptr + at + 1, mask=inb, other=0.0)
+    grad_s = _round_to(-4.0 * _round_to(total, out_dtype, tl.float32), out_dtype, tl.float32)
+    return _round_to(_div(grad_s, _max(_round_to(count, out_dtype, tl.float32), 1.0)), out_dtype, tl.float32)
+
+
+@triton.jit
 def _dorefa_forward(t_ptr, part_ptr, s_ptr, q_ptr, n, row_len, splits, levels, half_levels, reciprocal, magic,
-                    RECIPROCAL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                    RECIPROCAL: tl.constexpr, COMPUTE: tl.constexpr, ONE_ROW: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                    BLOCK: tl.constexpr):  # fmt: skip
     """q = round((t / (2 s) + 1/2) * levels) / (levels / 2) - 1, each step rounded as eager; the
     first element of each row also writes the row's scale to s."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -198,7 +224,7 @@ def _dorefa_forward(t_ptr, part_ptr, s_ptr, q_ptr, n, row_len, splits, levels, h
     out_dtype = t_raw.dtype
     t = t_raw.to(COMPUTE)
     row = offs // row_len
-    s = _row_scale(part_ptr, row, splits, inb).to(COMPUTE)  # the max of |t| is one of its elements: exact in t's dtype
+    s = _row_scale(part_ptr, row, splits, inb, ONE_ROW, MAX_SPLITS).to(COMPUTE)  # the max of |t| is one of its elements: exact in t's dtype
     tl.store(s_ptr + row, s.to(out_dtype), mask=inb & (offs % row_len == 0))
     q = _round_to(_div(t, 2.0 * s), out_dtype, COMPUTE)
     q = _round_to(q + 0.5, out_dtype, COMPUTE)
@@ -236,10 +262,9 @@ def _dorefa_backward_sums(t_ptr, s_ptr, g_ptr, part_ptr, row_len, splits, SPLIT:
 
 @triton.jit
 def _dorefa_backward(t_ptr, s_ptr, g_ptr, part_ptr, out_ptr, n, row_len, splits, FMA_IN_FP64: tl.constexpr, COMPUTE: tl.constexpr,
-                     BLOCK: tl.constexpr):  # fmt: skip
+                     ONE_ROW: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """dL/dw = (share * sign(t) at the peaks + g / s) * (1 - t^2), rounded as eager rounds it.
-    share = -4 sum / max(peaks, 1) from the row's partial sums (added in piece order), each
-    rounded to the dtype as the eager code's tensors are; ``addcdiv`` once (in fp32, then to
+    share (``_row_share``) from the row's partial sums; ``addcdiv`` once (in fp32, then to
     the dtype), ``tanh_backward`` as ``g * fma(-t, t, 1)`` (PyTorch's compiled kernel contracts
     1 - t t into one FMA) then once to the dtype. The interpreter's ``tl.fma`` rounds twice;
     there the product is taken exactly in fp64 instead."""
@@ -251,14 +276,7 @@ def _dorefa_backward(t_ptr, s_ptr, g_ptr, part_ptr, out_ptr, n, row_len, splits,
     t = tl.load(t_ptr + offs, mask=inb, other=0.0).to(COMPUTE)
     row = offs // row_len
     s = tl.load(s_ptr + row, mask=inb, other=1.0).to(COMPUTE)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    count = tl.zeros((BLOCK,), dtype=tl.float32)
-    for piece in range(0, splits):
-        at = 2 * (row * splits + piece)
-        total += tl.load(part_ptr + at, mask=inb, other=0.0)
-        count += tl.load(part_ptr + at + 1, mask=inb, other=0.0)
-    grad_s = _round_to(-4.0 * _round_to(total, out_dtype, tl.float32), out_dtype, tl.float32)  # -4 x: exact
-    share = _round_to(_div(grad_s, _max(_round_to(count, out_dtype, tl.float32), 1.0)), out_dtype, tl.float32).to(COMPUTE)
+    share = _row_share(part_ptr, row, splits, inb, out_dtype, ONE_ROW, MAX_SPLITS).to(COMPUTE)
     peak = tl.abs(t) == s
     signed = tl.where(t < 0.0, -share, share)
     grad_t = _round_to(tl.where(peak, signed, 0.0) + _div(g, s), out_dtype, COMPUTE)
@@ -283,6 +301,11 @@ def _splits(row_len: int) -> int:
     return max(1, triton.cdiv(row_len, SPLIT))
 
 
+def _row_layout(rows: int, splits: int) -> dict:
+    """The elementwise kernels' view of the partials: one row (read as one vector) or many."""
+    return {"ONE_ROW": rows == 1, "MAX_SPLITS": triton.next_power_of_2(splits) if rows == 1 else 1}
+
+
 def dorefa_forward(t: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s) from t = tanh(w): s has the eager code's shape (keepdim per channel, 0-dim per tensor)."""
     t = t.contiguous()
@@ -295,7 +318,8 @@ def dorefa_forward(t: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch
     q = torch.empty_like(t)
     levels = (1 << bits) - 1
     _dorefa_forward[_grid(n)](t, parts, s, q, n, row_len, splits, float(levels), levels / 2, magic=_magic(t.dtype),
-                              COMPUTE=_compute_dtype(t.dtype), BLOCK=BLOCK, **_scalar_division(t, levels / 2), **NO_FMA)  # fmt: skip
+                              COMPUTE=_compute_dtype(t.dtype), **_row_layout(rows, splits), BLOCK=BLOCK, **_scalar_division(t, levels / 2),
+                              **NO_FMA)  # fmt: skip
     return q, s.view(_scale_shape(t, per_channel))
 
 
@@ -309,7 +333,7 @@ def dorefa_backward(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor, per_ch
     _dorefa_backward_sums[(rows, splits)](t, flat_s, grad, parts, row_len, splits, SPLIT=SPLIT, ROW_BLOCK=ROW_BLOCK, **NO_FMA)
     out = torch.empty_like(grad)
     _dorefa_backward[_grid(n)](t, flat_s, grad, parts, out, n, row_len, splits, FMA_IN_FP64=os.environ.get("TRITON_INTERPRET") == "1",
-                               COMPUTE=_compute_dtype(t.dtype), BLOCK=BLOCK, **NO_FMA)  # fmt: skip
+                               COMPUTE=_compute_dtype(t.dtype), **_row_layout(rows, splits), BLOCK=BLOCK, **NO_FMA)  # fmt: skip
     return out
 
 
