@@ -10,5 +10,5 @@ from distq.native.library import available_isas, isa, library_path, load
 if __name__ == "__main__":
     lib = load()
     if lib is None:
-        sys.exit(0)  # load() printed why; the engine still works on its reference kernels
+        sys.exit(0)  # load() printed why; the engine and quantizers still work on their torch kernels
     print(f"distq: native kernels ready: {library_path(lib)} ({isa(lib)}; this CPU runs {', '.join(available_isas(lib))})")

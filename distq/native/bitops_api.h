@@ -1,4 +1,4 @@
-// The C interface of the native bit kernels, shared by every translation unit and mirrored
+// The C interface of the native kernels (bit kernels, CPU quantizer loops), shared by every translation unit and mirrored
 // field for field by ctypes structures in distq/native/library.py.
 //
 // Operands are bit planes packed along the reduction dimension into 64-bit words: bit k of

@@ -1,12 +1,13 @@
-"""Compile the native bit kernels into one shared library, once per version of the sources.
+"""Compile the native kernels (bit kernels, CPU quantizer loops) into one shared library, once
+per version of the sources.
 
 Why a plain shared library loaded with ctypes, not a torch C++ extension: the kernels only
 read and write raw buffers, so they need no torch headers. That keeps a build to a few
 seconds with any C++17 compiler, ties the library to no torch or Python ABI (a torch
 upgrade does not invalidate it), and needs nothing at ``pip install`` time: ``make install``
-compiles it right after installing the package, and the first engine that needs it compiles
-it if that did not happen. Where no compiler works, the engine keeps its torch reference
-kernels (``distq.native.library``).
+compiles it right after installing the package, and the first engine or CPU quantizer that
+needs it compiles it if that did not happen. Where no compiler works, both keep their torch
+reference kernels (``distq.native.library``).
 
 The library lands next to the sources (``_compiled/``) when the package folder is writable
 (an editable install, as ``make install`` does), else under the distq cache

@@ -204,7 +204,6 @@ int dq_affine_quantize_pool(const void* y, int32_t is_double, int64_t n, int64_t
     return 0;
 }
 
-
 int dq_act_quant_train(const float* x, float* y, uint8_t* mask, int64_t count, int32_t levels, int32_t threads) {
     if (levels < 1 || levels > 255 || count < 0) return -1;
     active()->act_quant_train(x, y, mask, count, levels, threads);

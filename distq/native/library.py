@@ -3,7 +3,7 @@ and the one place that decides whether this process has native kernels at all.
 
 ``load()`` builds (if needed) and loads the library once per process. Where that fails it
 says so in one line on stderr, once, and returns None: the integer engine and the CPU
-activation quantizer then run their torch reference kernels.
+quantizers then run their torch reference kernels.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _load_or_explain() -> ctypes.CDLL | None:
         lib = _declare(ctypes.CDLL(str(path)))
     except (BuildError, OSError) as exc:
         print(
-            f"distq: note: native kernels unavailable ({exc}); the integer engine and the CPU activation quantizer "
+            f"distq: note: native kernels unavailable ({exc}); the integer engine and the CPU quantizers "
             "use their torch reference kernels, which are exact but slower (the engine about 10-40x)",
             file=sys.stderr,
             flush=True,

@@ -4,9 +4,10 @@ These are the reference kernels: each forward writes its result into one buffer 
 after the first in place, with exactly the float operations of the formula), and each backward
 is written out by hand from what the forward returned, never from a recorded graph. On the CPU
 a fresh large tensor costs more than the arithmetic (its pages are faulted in on first write),
-so the fewer buffers the faster. On the CPU the activation quantizer and the masked gradient
-run as one native loop each where distq's library loads (``native_cpu``; bit-identical to the
-``*_torch`` functions here, which stay the reference; ``DISTQ_NATIVE=0`` keeps PyTorch's).
+so the fewer buffers the faster. On fp32 CPU tensors the activation quantizer, the masked
+gradient and the DoReFa weight quantizer's elementwise passes run as native loops where distq's
+library loads (``native_cpu``: bit-identical; ``act_forward_torch``, ``masked_grad_torch`` and
+the PyTorch branches of the DoReFa functions stay the reference; ``DISTQ_NATIVE=0`` keeps them).
 ``distq.quant.ops`` registers them, with the Triton kernels of
 ``distq.quant.triton_kernels``, as PyTorch custom operators.
 """
