@@ -34,7 +34,11 @@ class RunConfig:
     committed. 2 or more leaves one to fall back to if the newest is damaged."""
     save_every_steps: int | None = None
     """Also checkpoint every this many optimizer steps inside an epoch (long epochs); null: at the end
-    of each epoch only (and on SIGUSR1)."""
+    of each epoch only (and on SIGUSR1 or SIGTERM)."""
+    lock_stale_s: int = 600
+    """A run directory's lock (RUN_DIR/.distq-lock, refreshed every lock_stale_s / 10 seconds by the
+    job that owns the directory) left unrefreshed this long counts as abandoned and is taken over
+    with one line; a holder on this host whose process is gone is taken over at once."""
 
     def __post_init__(self):
         if not self.dir:
@@ -43,6 +47,7 @@ class RunConfig:
             raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 1 (the checkpoint to resume from)")
         if self.save_every_steps is not None:
             check_positive("run.save_every_steps", self.save_every_steps)
+        check_positive("run.lock_stale_s", self.lock_stale_s)
 
 
 @dataclass(kw_only=True)
@@ -120,6 +125,9 @@ class DataConfig:
     """Random horizontal flips in training."""
     val_crop_ratio: float = 0.875
     """Validation resizes the shorter side to image_size / val_crop_ratio, then centre-crops."""
+    max_image_pixels: int = 178_956_970
+    """Largest image (width x height) that training, evaluation and distq predict decode; a larger one
+    is an error naming the file (the default is Pillow's decompression-bomb limit)."""
 
     def __post_init__(self):
         if self.format == "shards" and self.root is None:
@@ -132,6 +140,7 @@ class DataConfig:
             raise ValueError(f"data.crop_scale={self.crop_scale} must be [low, high] with 0 < low <= high <= 1")
         if not 0 < self.val_crop_ratio <= 1:
             raise ValueError(f"data.val_crop_ratio={self.val_crop_ratio} must be in (0, 1]")
+        check_positive("data.max_image_pixels", self.max_image_pixels)
 
 
 @dataclass(kw_only=True)
@@ -169,9 +178,17 @@ class TrainConfig:
     with one process in "reduce-overhead" mode (CUDA graphs). The quantizers are custom operators the
     compiler keeps whole; a bit-width change recompiles once. Not with precision.stochastic,
     precision.aqe or precision.aux_branch, which change the network every step."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is NaN or infinite: stop (one line naming the step and the
+    quantity, exit status 4, no checkpoint written from then on) or skip (no update, as a grad scaler
+    does; counted as train/skipped_steps in TensorBoard; the run stops after train.max_skipped_steps
+    skipped in a row)."""
+    max_skipped_steps: int = 10
+    """With train.on_nonfinite=skip: stop after this many non-finite steps in a row."""
 
     def __post_init__(self):
         check_positive("train.epochs", self.epochs)
+        check_positive("train.max_skipped_steps", self.max_skipped_steps)
         check_positive("train.lr", self.lr)
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("train.milestones is empty but train.schedule=multistep: give epochs, e.g. [30, 60]")
