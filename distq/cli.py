@@ -33,7 +33,7 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from distq.train.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     results = trainer.fit()
     trainer.say(json.dumps(results))
     return 0
@@ -76,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="auto|PATH",
         help="'auto': continue from run.dir's newest complete checkpoint if there is one (on any number of processes); "
-        "or a run directory or checkpoint folder (RUN_DIR/checkpoints/step_*)",
+        "or a run directory or checkpoint folder (RUN_DIR/checkpoints/step_*). The config must define the same run "
+        "(model, quantizer, bits, policies, data, seed, optimizer, schedule); train.epochs, logging, workers and process "
+        "settings may change",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run.dir that holds a run: its checkpoints, TensorBoard events, configs and results are deleted "
+        "first (without it, and without --resume, such a run.dir is refused)",
     )
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     train.set_defaults(func=_train)
@@ -136,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from distq.distributed import close_process_group
+    from distq.errors import SaidByRankZero
+    from distq.train.nonfinite import NONFINITE_EXIT_CODE, NonFiniteTraining
     from distq.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
     try:
@@ -146,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         close_process_group()  # every rank stops at the same step (RankVote)
         print(f"distq: {exc}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
+    except NonFiniteTraining as exc:
+        close_process_group()  # every rank stops at the same step (an all-reduce agreed)
+        if args.debug:
+            raise
+        from distq.distributed import detect
+
+        if detect().is_main:
+            print(f"distq: error: {exc}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    except SaidByRankZero as exc:
+        close_process_group()
+        if args.debug:
+            raise
+        return exc.exit_code
     except DistqError as exc:
         if args.debug:
             raise

@@ -17,3 +17,12 @@ class DistqError(Exception):
             last = message.strip().splitlines()[-1]
             message = last.split(": ", 1)[1] if ": " in last else last
         super().__init__(message)
+
+
+class SaidByRankZero(DistqError):
+    """An error every rank of the job stops with, that rank 0 reports: the CLI prints it there
+    only, and exits with ``exit_code`` like rank 0."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

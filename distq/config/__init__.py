@@ -8,7 +8,16 @@ import inspect
 import typing
 from pathlib import Path
 
-from distq.config.loader import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml, section_type, to_dict
+from distq.config.loader import (
+    ConfigError,
+    check_sections,
+    deep_merge,
+    from_dict,
+    parse_overrides,
+    read_yaml,
+    section_type,
+    to_dict,
+)
 from distq.config.schema import DistqConfig
 
 __all__ = ["ConfigError", "DistqConfig", "config_from_dict", "describe_keys", "load_config", "to_dict"]
@@ -20,14 +29,31 @@ BASE_KEY = "base"
 def read_config_tree(path: str | Path, seen: tuple = ()) -> dict:
     """A YAML config with its ``base:`` chain merged in (the base file's path is relative
     to the file naming it), so a recipe lists only what differs from its base."""
-    path = Path(path).resolve()
-    if path in seen:
-        raise ConfigError(f"config file {str(path)!r} includes itself through 'base:'")
+    path = Path(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path.resolve())!r} includes itself through 'base:'")
     data = read_yaml(path)
+    source = f"config file {str(path)!r}"
+    has_base = BASE_KEY in data
     base = data.pop(BASE_KEY, None)
-    if base is None:
+    check_sections(DistqConfig, data, source)
+    if not has_base:
         return data
-    return deep_merge(read_config_tree(path.parent / str(base), seen + (path,)), data)
+    if not isinstance(base, str) or not base:
+        given = "empty" if base in (None, "") else repr(base)
+        raise ConfigError(
+            f"'base' in {source} is {given}: name the config file to start from (relative to this one), e.g. base: digits_w4a4.yaml"
+        )
+    base_path = path.parent / base
+    if base_path.is_dir():
+        raise ConfigError(
+            f"'base: {base}' in {source} is a directory ({str(base_path)!r}): name a YAML file, relative to {source}"
+        )
+    if not base_path.exists():
+        raise ConfigError(
+            f"'base: {base}' in {source} not found ({str(base_path)!r}): the path is relative to the file naming it"
+        )
+    return deep_merge(read_config_tree(base_path, seen + (path.resolve(),)), data)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DistqConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -103,6 +104,8 @@ def _coerce(value: Any, tp: Any, key: str, root_cls: type) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan and .inf, and "nan" or "inf" from an override
+            raise ConfigError(f"{key}={value} is not a finite number: give a finite value (NaN and infinity are refused)")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -141,7 +144,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = load_yaml(raw, f"override {item!r}", root=key.strip()) if raw else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -164,19 +167,108 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found: pass a YAML file such as configs/digits_w4a4.yaml")
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key written twice in one mapping, at any depth: PyYAML
+    keeps the last silently, so a second ``train:`` section would drop the first unseen. Keys
+    that a merge key (``<<: *anchor``) brings in may still be overridden."""
+
+    def __init__(self, text: str, source: str, root: str):
+        super().__init__(text)
+        self.source = source
+        self.root = root
+        self.paths: dict[yaml.Node, str] = {}  # each value's dotted key, for the message
+
+    def construct_document(self, node):
+        self._name_children(node, self.root)
+        return super().construct_document(node)
+
+    def _name_children(self, node: yaml.Node, path: str) -> None:
+        if node in self.paths:  # an alias of a node already named
+            return
+        self.paths[node] = path
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._name_children(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            prefix = self.paths.get(node, self.root)
+            first_line: dict = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # PyYAML refuses it below
+                name = f"{prefix}.{key}" if prefix else str(key)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    lines = f" (lines {first_line[key]} and {line})" if first_line[key] != line else ""
+                    raise ConfigError(f"{self.source} sets '{name}' twice{lines}: YAML would keep only the last; keep one")
+                first_line[key] = line
+                self._name_children(value_node, name)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str, root: str = "") -> Any:
+    """Parse YAML as ``yaml.safe_load`` does, refusing duplicate keys (ConfigError naming ``source``,
+    the key under ``root`` and both lines)."""
+    loader = _StrictLoader(text, source, root)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> dict:
+    """One config file's mapping: a missing, unreadable, empty or non-mapping file is an error."""
+    path = Path(path)
+    name = f"config file {str(path)!r}"
+    if path.is_dir():
+        inside = sorted(path.glob("*.yaml"))
+        example = str(inside[0]) if inside else "configs/digits_w4a4.yaml"
+        raise ConfigError(f"{name} is a directory: pass a YAML file, such as {example}")
+    if not path.exists():
+        raise ConfigError(f"{name} not found: pass a YAML file such as configs/digits_w4a4.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not a UTF-8 text file: pass a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{name} cannot be read ({exc.strerror or exc}): check the path and its permissions") from None
+    try:
+        data = load_yaml(text, name)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: fix the syntax") from None
+        raise ConfigError(f"{name} is not valid YAML{where}: fix the syntax") from None
+    if data is None or data == {}:
+        raise ConfigError(
+            f"{name} is empty: it would train with every default; write the keys to set "
+            "(distq train --help-config lists them), or 'base: FILE' to start from another config"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        raise ConfigError(f"{name} must hold a mapping of keys to values")
     return data
+
+
+def check_sections(cls: type, data: dict, source: str, prefix: str = "") -> None:
+    """Refuse a section that a file gives as a single value (``train: 5``) before overrides are
+    merged in: an override of one of its keys (``train.epochs=2``) would otherwise replace it
+    unseen. ``train:`` with nothing under it (null) is an empty section."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        section = section_type(hints[f.name])
+        value = data.get(f.name)
+        if section is None or value is None:
+            continue
+        key = prefix + f.name
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"'{key}' in {source} must be a section (a mapping of keys to values), got {value!r}: "
+                f"write its keys indented under '{f.name}:', or remove it"
+            )
+        check_sections(section, value, source, key + ".")
 
 
 def to_dict(config: Any) -> dict:

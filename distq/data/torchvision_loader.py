@@ -8,6 +8,8 @@ does not depend on the worker count, the number of processes or where a run was 
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -80,6 +82,7 @@ class TorchvisionTrainLoader:
             num_workers=cfg.workers,
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=leave_signals_to_the_trainer,
         )
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -95,8 +98,23 @@ class TorchvisionTrainLoader:
 
 def build_val_loader(cfg: DataConfig, root, rank: int = 0, world: int = 1) -> DataLoader:
     transform = val_transform(cfg.image_size, cfg.val_crop_ratio)
-    val_set = ShardsFolder.open(root).split("val", transform) if cfg.format == "shards" else image_folder(root, "val", transform)
-    return DataLoader(val_set, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_set), rank, world), num_workers=cfg.workers)
+    if cfg.format == "shards":
+        val_set = ShardsFolder.open(root).split("val", transform, cfg.max_image_pixels)
+    else:
+        val_set = image_folder(root, "val", transform, cfg.max_image_pixels)
+    return DataLoader(
+        val_set, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_set), rank, world), num_workers=cfg.workers,
+        worker_init_fn=leave_signals_to_the_trainer,
+    )
+
+
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """In a loader worker: ignore the pre-emption signals. SLURM sends SIGTERM (and, with
+    ``scancel --full``, SIGUSR1) to every process of the job; a worker killed by it makes the
+    training process fail before it can checkpoint. The training process handles them, then
+    stops its workers itself (a worker also exits when its parent is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def build_torchvision_loaders(cfg: DataConfig, seed: int, layout: BatchLayout, rank: int = 0) -> DataBundle:
@@ -106,10 +124,10 @@ def build_torchvision_loaders(cfg: DataConfig, seed: int, layout: BatchLayout, r
     classes = dataset_classes(cfg, root)
     transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip)
     if cfg.format == "shards":
-        train_set = ShardsFolder.open(root).split("train", transform)
+        train_set = ShardsFolder.open(root).split("train", transform, cfg.max_image_pixels)
         order = EpochOrder(len(train_set), seed, tuple(train_set.sizes))
     else:
-        train_set = image_folder(root, "train", transform)
+        train_set = image_folder(root, "train", transform, cfg.max_image_pixels)
         order = EpochOrder(len(train_set), seed)
     check_layout_fits(len(train_set), layout.global_batch, root if cfg.format == "shards" else root / "train")
     train = TorchvisionTrainLoader(SeededSamples(train_set, seed), EpochSampler(order, layout, rank), cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 from pathlib import Path
 
 import torch
@@ -133,6 +134,14 @@ class Engine:
 
     # --- collectives --------------------------------------------------------------------------
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (a blocking all-reduce of one number)."""
+        if not self.env.distributed:
+            return flag
+        ballot = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(ballot, op=dist.ReduceOp.MAX)
+        return bool(ballot.item())
+
     def should_stop(self, flag: bool) -> bool:
         """True on every rank at the same step once ``flag`` was raised on any rank (one step late)."""
         return self.vote(flag)
@@ -200,15 +209,21 @@ class TorchEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.layout.grad_accum).backward()
 
-    def step(self, boundary: bool) -> None:
-        """Called after every micro-batch; steps at the end of an accumulation window."""
+    def step(self, boundary: bool) -> float | None:
+        """Called after every micro-batch; steps at the end of an accumulation window and returns
+        the gradient norm (None between boundaries). A non-finite gradient is never applied."""
         if not boundary:
-            return
+            return None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.train_cfg.grad_clip is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip)
-        self.optimizer.step()
+            norm = nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip)
+        else:
+            norm = gradient_norm(params)
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def freeze_groups(self, prefix: str) -> None:
         """One process can do better than freezing: the groups and their state leave the optimizer."""
@@ -262,8 +277,26 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self, boundary: bool) -> None:
-        self.engine.step()  # DeepSpeed counts micro-batches itself and steps on the boundary
+    def step(self, boundary: bool) -> float | None:
+        """DeepSpeed counts micro-batches itself and steps on the boundary; returns the gradient
+        norm there (None between boundaries). A non-finite gradient is never applied: ZeRO 1/2
+        skip such a step themselves (an fp32 partition whose norm is not finite), ZeRO-0 has its
+        gradients (all-reduced at the boundary) dropped here, so its optimizer leaves every
+        parameter and its state alone."""
+        if not boundary:
+            self.engine.step()
+            return None
+        if self.zero:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float("inf") if not self.engine.was_step_applied() else (None if norm is None else float(norm))
+        params = [p for p in self.team.parameters() if p.grad is not None]
+        norm = float(gradient_norm(params))
+        if not math.isfinite(norm):
+            for param in params:
+                param.grad = None
+        self.engine.step()
+        return norm
 
     def weights_changed(self) -> None:
         """ZeRO keeps an fp32 copy of this rank's partition of the weights, which its step updates and
@@ -319,6 +352,14 @@ class DeepSpeedEngine(Engine):
     def _partitions(self):
         """(parameters of the group, this rank's flat fp32 partition of it), per parameter group."""
         return zip(self.optimizer.bit16_groups, self.optimizer.single_partition_of_fp32_groups)
+
+
+def gradient_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the parameters' gradients together (0 when there are none)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, foreach=True)
 
 
 def _give_deepspeed_the_timeout(timeout_s: float) -> None:

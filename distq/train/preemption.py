@@ -1,4 +1,6 @@
-"""Checkpoint-and-requeue on a scheduler's warning signal (SLURM ``--signal=USR1@secs``)."""
+"""Checkpoint-and-requeue on a scheduler's warning signal (SLURM ``--signal=USR1@secs``) or on
+SIGTERM, with which SLURM (and Kubernetes, and most batch systems) pre-empts a job before its
+SIGKILL ``KillWait`` seconds later (30 by default)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ class Preempted(DistqError):
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1 (or SIGTERM); the trainer polls it between optimizer steps."""
+    """Set by SIGUSR1 or SIGTERM; the trainer polls it between optimizer steps."""
 
-    def __init__(self, signals=(signal.SIGUSR1,)):
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.raised = False
         self.signum = None
         for signum in signals:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+FOLDER = "tb"
+"""TensorBoard's folder in the run directory."""
+
 
 class ScalarLog:
     """A thin SummaryWriter wrapper that is a no-op when disabled (other ranks, or off)."""
@@ -13,7 +16,7 @@ class ScalarLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / FOLDER), purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from distq.checkpoint import FORMAT_VERSION, CheckpointError, Found, atomic_write, load_tensors, load_weights
+from distq.checkpoint import FORMAT_VERSION, CheckpointError, Found, atomic_write, checkpoint_dir, load_tensors, load_weights
 from distq.config import DistqConfig, config_from_dict, to_dict
 from distq.controller import Clock, Event, PrecisionController
 from distq.data import build_loaders
@@ -24,14 +24,20 @@ from distq.data.bundle import epoch_seed
 from distq.data.order import configured_layout
 from distq.distributed import TeamModule, build_engine, detect
 from distq.distributed.engine import use_device
+from distq.errors import DistqError, SaidByRankZero
 from distq.models.team import build_team, main_model_name
 from distq.progress import Progress
 from distq.quant.layers import QAct, quant_layers
+from distq.train import run_dir
 from distq.train.checkpointing import Checkpointing, resume_layout
 from distq.train.compiling import compile_models
 from distq.train.evaluation import evaluate_counts, metrics_from_counts
+from distq.train.faults import TrainingFaults
+from distq.train.nonfinite import NonFiniteGuard
 from distq.train.optim import build_optimizer, param_groups
 from distq.train.preemption import Preempted, PreemptionFlag
+from distq.train.resume_config import config_changes
+from distq.train.run_lock import RunLock
 from distq.train.sample_log import SampleLog, next_start
 from distq.train.schedule import lr_factor
 from distq.train.tb import ScalarLog
@@ -43,13 +49,17 @@ MEASURED_KEYS = ("wall_time_s", "train_images_per_s", "max_memory_gib")
 
 
 class Trainer:
-    def __init__(self, cfg: DistqConfig, resume: str | None = None):
+    def __init__(self, cfg: DistqConfig, resume: str | None = None, overwrite: bool = False):
         """``resume``: None (fresh), "auto" (the newest complete checkpoint of run.dir, if any), or
         the path of a run directory or checkpoint folder. The checkpoint is chosen first, since
-        its global batch decides how this run's processes split the batch."""
+        its global batch decides how this run's processes split the batch. ``overwrite``: start
+        over in a run.dir that holds a run, deleting its files first (otherwise refused)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.env = detect()
+        if overwrite and resume is not None:
+            raise DistqError("--overwrite starts a run over and --resume continues one: pass only one of them")
+        self.resume_mode, self.overwrite = resume, overwrite
         torch.manual_seed(cfg.seed)
         self.checkpoints = Checkpointing(self.run_dir, cfg.run.keep_checkpoints)
         self.found: Found | None = self.checkpoints.find(resume)
@@ -78,7 +88,12 @@ class Trainer:
         self.log: ScalarLog | None = None
         self.samples: SampleLog | None = None
         self.preemption = PreemptionFlag()
+        self.faults = TrainingFaults()
         self.speed = 0.0  # training images/s of the last epoch, all ranks together
+        self.guard = NonFiniteGuard(cfg.train, list(self.engine.team.buffers()))
+        self.grad_norm: float | None = None  # of the last optimizer step
+        self.wall_time_before = 0.0  # training time of the runs this one resumes
+        self.lock = RunLock(self.run_dir, cfg.run.lock_stale_s) if self.is_main else None
 
     @property
     def is_main(self) -> bool:
@@ -109,6 +124,8 @@ class Trainer:
             "controller": self.controller.state_dict(),
             "rng": torch.get_rng_state(),
             "history": self.history,
+            "skipped_steps": self.guard.skipped,
+            "wall_time_s": self.wall_time_before + self.elapsed(),
         }
 
     def load_state_dict(self, state: dict, source: str) -> None:
@@ -129,6 +146,8 @@ class Trainer:
             self.engine.freeze_groups(AUX_GROUP)
         self.epoch, self.step = state["epoch"], state["step"]
         self.history = list(state["history"])
+        self.guard.skipped = int(state.get("skipped_steps", 0))
+        self.wall_time_before = float(state.get("wall_time_s", 0.0))
         if self.epoch_step:
             torch.set_rng_state(state["rng"])
 
@@ -139,7 +158,16 @@ class Trainer:
         for line in found.skipped:
             self.say(f"checkpoint {line}: passed over")
         source = f"checkpoint {found.folder}"
-        self.load_state_dict(load_tensors(found.state_path), source)
+        state = load_tensors(found.state_path)
+        changes = config_changes(state["config"], to_dict(self.cfg))
+        if changes.refused:
+            raise CheckpointError(
+                f"{source} was trained with another config; these keys define the run and must stay as they were: "
+                f"{'; '.join(changes.refused)}: resume with the checkpoint's values (RUN_DIR/config.yaml), or start a new run.dir"
+            )
+        for line in changes.applied:
+            self.say(f"config change on resume: {line}")
+        self.load_state_dict(state, source)
         self.engine.load_optimizer(found)
         where = f"epoch {self.epoch}, step {self.step}"
         if self.epoch_step:
@@ -151,21 +179,74 @@ class Trainer:
     def save(self) -> Path:
         meta = {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "global_batch": self.layout.global_batch}
         progress = self.step / self.steps_per_epoch
-        return self.checkpoints.save(self.engine, self.state_dict() if self.is_main else None, meta, progress)
+        owner_check = self.lock.check if self.lock is not None else None
+        return self.checkpoints.save(self.engine, self.state_dict() if self.is_main else None, meta, progress, owner_check)
 
     # --- loop -------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        self.resume()
+        """Train to ``train.epochs``, owning run.dir throughout; returns the results."""
+        self.take_run_dir()
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def take_run_dir(self) -> None:
+        """Every rank: rank 0 takes run.dir's lock and checks that this run may write there (a
+        directory holding another run is refused without --resume or --overwrite); every rank
+        raises the same error if not. Nothing is written to run.dir before this."""
+        error = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            try:
+                run_dir.prepare(self.run_dir)
+                self.lock.acquire()
+                for line in self.lock.notes:
+                    self.say(line)
+                self._check_run_dir()
+            except DistqError as exc:
+                error = str(exc)
+        error = self.engine.gather_objects(error)[0]
+        if error is not None:
+            if self.is_main:
+                self.lock.release()
+                raise DistqError(error)
+            raise SaidByRankZero(error)
+
+    def _check_run_dir(self) -> None:
+        resuming_here = self.found is not None and self.found.folder.parent.resolve() == checkpoint_dir(self.run_dir).resolve()
+        if resuming_here or not run_dir.holds_run(self.run_dir):
+            return
+        if self.overwrite:
+            deleted = run_dir.clear(self.run_dir)
+            self.say(f"run.dir {self.run_dir}: --overwrite deleted the earlier run's {', '.join(deleted)}")
+            return
+        if self.resume_mode == "auto" and self.found is None and not (self.run_dir / run_dir.RESULTS).exists():
+            deleted = run_dir.clear(self.run_dir)  # an attempt that died before its first checkpoint
+            self.say(f"run.dir {self.run_dir} has no checkpoint to resume: starting afresh (deleted {', '.join(deleted)} of an attempt that saved none)")
+            return
+        raise run_dir.refusal(self.run_dir)
+
+    def _fit(self) -> dict:
+        self.resume()
+        if self.epoch >= self.cfg.train.epochs and self.found is not None:
+            self.say(
+                f"run.dir {self.run_dir} is finished (epoch {self.epoch} of train.epochs={self.cfg.train.epochs}): nothing to train; "
+                f"train.epochs={self.epoch + 1} or more extends it"
+            )
+            return self.existing_results()
+        if self.is_main:
+            config_file = self.run_dir / run_dir.CONFIG
+            if config_file.exists():  # a resume: the run's original config stays as it was
+                config_file = run_dir.next_resumed_config(self.run_dir)
+            config_file.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             if self.layout != configured_layout(self.cfg, self.env.world) or self.cfg.train.global_batch is not None:
                 self.say(f"global batch {self.layout.global_batch}: {self.layout.describe()}")
         self.log = ScalarLog(self.run_dir, self.cfg.log.tensorboard and self.is_main, purge_step=self.step or None)
         start_number = self.engine.gather_objects(next_start(self.run_dir) if self.is_main else None)[0]
         self.samples = SampleLog(self.run_dir, start_number, self.step, self.env.rank, self.cfg.log.samples)
-        start = time.perf_counter()
+        self.started = start = time.perf_counter()
         try:
             self.controller.on_event(Event.FIT_START, self.step)
             for epoch in range(self.epoch, self.cfg.train.epochs):
@@ -180,7 +261,18 @@ class Trainer:
         finally:
             self.log.close()
             self.samples.close()
-        return self.write_results(time.perf_counter() - start)
+        return self.write_results(self.wall_time_before + time.perf_counter() - start)
+
+    def elapsed(self) -> float:
+        """Seconds this process has trained (0 before fit)."""
+        started = getattr(self, "started", None)
+        return 0.0 if started is None else time.perf_counter() - started
+
+    def existing_results(self) -> dict:
+        try:
+            return json.loads((self.run_dir / run_dir.RESULTS).read_text())
+        except (OSError, ValueError):
+            return {"epochs": self.epoch, "steps": self.step}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         totals = evaluate_counts(model, self.data.val, self.engine.device)
@@ -212,13 +304,19 @@ class Trainer:
                 factor = lr_factor(self.step, self.steps_per_epoch, self.cfg.train)
                 self.engine.set_lr(factor)
                 self.controller.on_event(Event.BATCH_START, self.step)
+                self.guard.start_step()
             self.samples.write(epoch, self.step, indices)
             boundary = (i + 1) % accum == 0
+            images = self.faults.batch(images, self.step)
             losses = self.train_step(images, labels, boundary)
             for name, loss in losses.items():
-                running[name] += loss / accum
+                running[name] += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) / accum
             if not boundary:
                 continue
+            where = f"epoch {epoch + 1}, step {self.step + 1}"
+            if not self.guard.end_step(self.step + 1, where, self.grad_norm, self.engine.any_rank):
+                self.log.scalar("train/skipped_steps", self.guard.skipped, self.step + 1)
+                self.say(f"{where}: non-finite loss or gradients: step skipped ({self.guard.skipped} so far, {self.guard.in_a_row} in a row)")
             self.controller.on_event(Event.AFTER_STEP, self.step)
             if self.controller.edits_weights:
                 self.engine.weights_changed()
@@ -258,8 +356,12 @@ class Trainer:
         with self.engine.autocast():
             logits = self.engine.forward(images)
             losses = self.objective(logits, labels, self.tap.features if self.tap else None)
-        self.engine.backward(torch.stack(list(losses.values())).sum())
-        self.engine.step(boundary)
+        total = torch.stack(list(losses.values())).sum()
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            guard.add_loss(total)
+        self.engine.backward(total)
+        self.grad_norm = self.engine.step(boundary)
         return {name: loss.detach() for name, loss in losses.items()}
 
     def end_epoch(self, epoch: int, metrics: dict[str, dict], elapsed: float) -> None:

@@ -131,7 +131,8 @@ def test_config_file_problems(tmp_path):
         load_config(listing)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert load_config(empty) == DistqConfig()
+    with pytest.raises(ConfigError, match="empty.yaml' is empty"):
+        load_config(empty)
 
 
 def test_to_dict_round_trip():
