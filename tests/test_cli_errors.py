@@ -59,34 +59,35 @@ def inputs(tmp_path_factory, make_image_folder, tiny_run, digits_root):
 
 def cases(p: dict[str, Path]) -> dict[str, tuple[tuple[str, ...], str]]:
     """name -> (CLI arguments, regular expression the error message must match)."""
-    run_dir = str(p["tmp"] / "run")
-    train = ("train", CONFIG, f"run.dir={run_dir}")
+    def train(name: str) -> tuple[str, ...]:  # each case its own run.dir: two run at once
+        return ("train", CONFIG, f"run.dir={p['tmp'] / ('run-' + name)}")
+
     return {
-        "unknown_key": ((*train, "train.epcohs=3"), r"unknown config key 'train\.epcohs': did you mean 'train\.epochs'\?"),
-        "bits_9": ((*train, "quant.w_bits=9"), r"quant\.w_bits=9 is not a valid bit-width: use 1\.\.8, or 32"),
-        "missing_root": ((*train, "data.root=/nonexistent"), r"dataset folder '/nonexistent' does not exist"),
+        "unknown_key": ((*train("unknown_key"), "train.epcohs=3"), r"unknown config key 'train\.epcohs': did you mean 'train\.epochs'\?"),
+        "bits_9": ((*train("bits_9"), "quant.w_bits=9"), r"quant\.w_bits=9 is not a valid bit-width: use 1\.\.8, or 32"),
+        "missing_root": ((*train("missing_root"), "data.root=/nonexistent"), r"dataset folder '/nonexistent' does not exist"),
         "empty_class": (
-            (*train, *TINY, f"data.root={p['empty_class']}"),
+            (*train("empty_class"), *TINY, f"data.root={p['empty_class']}"),
             rf"class folder '{re.escape(str(p['empty_class'] / 'train' / 'zebra'))}' has no images",
         ),
         "corrupt_image": (
-            progress_off(*train, *TINY, f"data.root={p['corrupt']}"),
+            progress_off(*train("corrupt_image"), *TINY, f"data.root={p['corrupt']}"),
             rf"image file '{re.escape(str(p['corrupt'] / 'train' / 'cat' / 'broken.JPEG'))}' is corrupt or truncated",
         ),
         "corrupt_image_in_worker": (
-            (*train, *TINY, "data.workers=2", f"data.root={p['corrupt']}"),
+            (*train("corrupt_image_in_worker"), *TINY, "data.workers=2", f"data.root={p['corrupt']}"),
             rf"image file '{re.escape(str(p['corrupt'] / 'train' / 'cat' / 'broken.JPEG'))}' is corrupt or truncated",
         ),
         "truncated_jpeg": (
-            progress_off(*train, *TINY, f"data.root={p['truncated']}"),
+            progress_off(*train("truncated_jpeg"), *TINY, f"data.root={p['truncated']}"),
             rf"image file '{re.escape(str(p['truncated'] / 'train' / 'dog' / 'cut.JPEG'))}' is corrupt or truncated",
         ),
         "resume_other_width": (
-            (*train, "model.width=8", "--resume", str(p["run"])),
-            r"checkpoint .*step_00000022 was written for a different model or dataset \(model\.arch=resnet18, width=4",
+            (*train("resume_other_width"), "model.width=8", "--resume", str(p["run"])),
+            r"checkpoint .*step_00000022 was trained with another config; these keys define the run .*model\.width: checkpoint 4, now 8",
         ),
         "pretrained_resnet50_into_resnet18": (
-            (*train, "model.width=64", "model.small_input=false", f"model.pretrained={p['resnet50']}"),
+            (*train("pretrained_resnet50_into_resnet18"), "model.width=64", "model.small_input=false", f"model.pretrained={p['resnet50']}"),
             rf"model\.pretrained file '{re.escape(str(p['resnet50']))}' does not fit this model \(shape mismatch at layer1\.0\.conv1\.weight",
         ),
         "eval_corrupt_checkpoint": (("eval", str(p["random_ckpt"])), r"checkpoint '.*random\.pt' is corrupt or not a distq checkpoint"),
@@ -179,7 +180,11 @@ def test_eval_on_a_dataset_with_other_classes(tiny_run, tmp_path, make_image_fol
     other = make_image_folder(tmp_path / "other", per_class=1)
     assert main(["eval", str(tiny_run), "--data", str(other)]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"distq: error: dataset '.*other' has classes \['cat', 'dog'\]\.\.\. but checkpoint .* was trained on \['digit_0'.*\n", err), err
+    assert re.fullmatch(
+        r"distq: error: dataset '.*other' has 2 classes but checkpoint .* was trained on 10: 10 of them missing from the data "
+        r"\(digit_0, digit_1, digit_2, \.\.\.\); 2 extra in the data \(cat, dog\): evaluate on a dataset with the same class folders\n",
+        err,
+    ), err
 
 
 def test_pretrained_file_missing(digits_root, tmp_path, capsys, monkeypatch):

@@ -16,7 +16,7 @@ webdataset library's decoder, DALI's webdataset reader from index files listing 
 of an epoch in the order to read them. Opening a folder checks that ``index.json`` and the
 shards agree (files present, sizes, sample counts, every sample with its image and label) and
 names the file of any mismatch in one line; ``distq data verify SHARDS`` also checks checksums
-and decodes every image.
+and, with ``--decode``, decodes every image.
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from distq.data.folder import DataError, open_rgb
+from distq.data.folder import (
+    MAX_PIXELS,
+    MAX_PIXELS_KEY,
+    PERMISSION_DENIED,
+    DataError,
+    TooManyPixels,
+    check_class_count,
+    open_rgb,
+    require_folder,
+)
 
 FORMAT = "distq.shards"
 VERSION = 1
@@ -71,10 +80,12 @@ class ShardSplit:
     """One split of a shards folder: its shards, and where each sample's image and label lie.
 
     As a map-style dataset (``split[i]``) it decodes sample i with the webdataset library's
-    decoder into ``(transform(image), label)``."""
+    decoder into ``(transform(image), label)``; an image larger than ``max_pixels`` is a
+    ``DataError`` naming the sample and data.max_image_pixels."""
 
-    def __init__(self, root: Path, name: str, entry: dict, num_classes: int, label_digits: int, transform=None):
+    def __init__(self, root: Path, name: str, entry: dict, num_classes: int, label_digits: int, transform=None, max_pixels: int = MAX_PIXELS):
         self.root, self.name, self.num_classes, self.label_digits, self.transform = root, name, num_classes, label_digits, transform
+        self.max_pixels = max_pixels
         index_json = root / INDEX
         try:
             self.shards = [Shard(root / s["tar"], root / s["index"], int(s["samples"]), int(s["bytes"]), str(s["sha256"])) for s in entry["shards"]]
@@ -138,7 +149,10 @@ class ShardSplit:
         if self._pid != os.getpid():  # a DataLoader worker: its own descriptors
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
-            self._files[shard] = os.open(self.shards[shard].tar, os.O_RDONLY)
+            try:
+                self._files[shard] = os.open(self.shards[shard].tar, os.O_RDONLY)
+            except PermissionError:
+                raise DataError(f"shard file {str(self.shards[shard].tar)!r} cannot be read: {PERMISSION_DENIED}") from None
         return self._files[shard]
 
     def read_label(self, index: int) -> int:
@@ -161,12 +175,14 @@ class ShardSplit:
         import webdataset as wds
 
         if self._decoder is None:
-            self._decoder = wds.Decoder([wds.handle_extension(IMAGE, lambda data: open_rgb(io.BytesIO(data)))])
+            self._decoder = wds.Decoder([wds.handle_extension(IMAGE, lambda data: open_rgb(io.BytesIO(data), self.max_pixels))])
         image, label = self.read(index)
         try:
             return self._decoder({"__key__": str(index), IMAGE: image})[IMAGE], label
         except wds.DecodingError as exc:
             cause = exc.__cause__ or exc
+            if isinstance(cause, TooManyPixels):
+                raise DataError(cause.explain(self.describe(index), MAX_PIXELS_KEY, f"shrink the image and {REPACK}")) from None
             raise DataError(f"{self.describe(index)} is corrupt or truncated ({cause}): replace the image and {REPACK}") from None
 
     def __getitem__(self, index: int):
@@ -289,8 +305,8 @@ class ShardsFolder:
     @classmethod
     def open(cls, root: str | Path) -> ShardsFolder:
         root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"shards folder {str(root)!r} does not exist: set data.root to a folder written by 'distq data pack'")
+        fix = f"set data.root to the folder holding it, {root.parent}" if root.name == INDEX else "set data.root to a folder written by 'distq data pack'"
+        require_folder(root, "shards folder", fix)
         data = _read_json(root / INDEX)
         try:
             classes, digits, splits = list(data["classes"]), int(data["label_digits"]), dict(data["splits"])
@@ -301,7 +317,8 @@ class ShardsFolder:
             raise DataError(f"{str(root / INDEX)!r} has no {missing[0]} split: pack a folder with train/ and val/ ({REPACK})")
         if not classes:
             raise DataError(f"{str(root / INDEX)!r} lists no classes: {REPACK}")
+        check_class_count(classes, f"shards folder {str(root)!r}", f"pack a dataset folder with a class folder per class ({REPACK})")
         return cls(root, classes, data.get("class_names"), digits, splits)
 
-    def split(self, name: str, transform=None) -> ShardSplit:
-        return ShardSplit(self.root, name, self.splits[name], len(self.classes), self.label_digits, transform)
+    def split(self, name: str, transform=None, max_pixels: int = MAX_PIXELS) -> ShardSplit:
+        return ShardSplit(self.root, name, self.splits[name], len(self.classes), self.label_digits, transform, max_pixels)

@@ -8,7 +8,9 @@ does not depend on the worker count, the number of processes or where a run was 
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -109,12 +111,22 @@ def build_val_loader(cfg: DataConfig, root, rank: int = 0, world: int = 1) -> Da
 
 
 def leave_signals_to_the_trainer(worker_id: int) -> None:
-    """In a loader worker: ignore the pre-emption signals. SLURM sends SIGTERM (and, with
-    ``scancel --full``, SIGUSR1) to every process of the job; a worker killed by it makes the
-    training process fail before it can checkpoint. The training process handles them, then
-    stops its workers itself (a worker also exits when its parent is gone)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """In a loader worker: leave the pre-emption signals to the training process. SLURM sends
+    SIGTERM (and, with ``scancel --full``, SIGUSR1) to every process of the job; a worker killed
+    by it makes the training process fail before it can checkpoint. So the worker blocks both
+    and a thread waits for them: sent by its own parent (the loader shutting it down, or Python's
+    exit), it exits at once; sent by anyone else, it is ignored, and the worker ends
+    when the training process stops it (or, as always, when that process is gone)."""
+    parent = os.getppid()
+    signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo(signals).si_pid == parent:
+                os._exit(0)  # a clean exit: the loader takes any other as a crash
+
+    threading.Thread(target=wait, name="distq-signals", daemon=True).start()
 
 
 def build_torchvision_loaders(cfg: DataConfig, seed: int, layout: BatchLayout, rank: int = 0) -> DataBundle:

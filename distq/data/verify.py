@@ -1,10 +1,14 @@
 """``distq data verify ROOT [--fix]``: one report on an ImageNet-layout folder.
 
-Counts images per split and class, decodes every image (names the files that do not decode),
+Counts images per split and class, decodes every image (names the files that do not decode,
+that cannot be read, and the images larger than the pixel limit, which training refuses),
 lists classes present in one split only, and the oddities ImageNet's training set is known to
 hold and some decoders refuse: CMYK JPEGs, grayscale JPEGs, and PNG (or other) files saved as
 .JPEG. ``--fix`` re-encodes the odd files as RGB JPEGs in place (each written to a temporary
 file and renamed over the original, so an interruption never leaves half a file).
+
+``distq data verify SHARDS [--decode]``: a shards folder against its index and checksums, and
+with ``--decode`` every sample's image decoded as the folder's are.
 
 Decoding uses PIL's reduced-size JPEG decoding (``draft``): every byte of the file is still
 read and entropy-decoded, so a truncated or corrupt file fails as it would at full size.
@@ -12,21 +16,25 @@ read and entropy-decoded, so a truncated or corrupt file fails as it would at fu
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from distq.data.folder import SPLITS, DataError
+from distq.data.folder import DECODE_ERRORS, MAX_PIXELS, SPLITS, DataError, TooManyPixels, check_pixels
+from distq.data.shards import REPACK
 from distq.progress import Progress
 
 CMYK, GRAYSCALE = "CMYK JPEG", "grayscale JPEG"
 FIX_QUALITY = 95
-DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+# The kinds of problem an image file can have (``inspect``), as the reports name them.
+DOES_NOT_DECODE, UNREADABLE, TOO_LARGE = "does not decode", "permission denied", "too large"
+CANNOT_OPEN = "cannot be opened for reading"
 
 
 def oddity(image: Image.Image) -> str | None:
@@ -53,11 +61,14 @@ def needs_reencoding(data: bytes) -> str | None:
     return None if odd in (None, GRAYSCALE) else odd
 
 
-def rgb_jpeg_bytes(data: bytes, name: str) -> bytes:
+def rgb_jpeg_bytes(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> bytes:
     """An image file's bytes re-encoded as an RGB JPEG."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image, max_pixels)
             rgb = image.convert("RGB")
+    except TooManyPixels as exc:
+        raise DataError(exc.explain(f"image file {name!r}", "--max-image-pixels")) from None
     except DECODE_ERRORS as exc:
         raise DataError(f"image file {name!r} is corrupt or truncated ({exc}): replace or delete it") from None
     out = io.BytesIO()
@@ -65,36 +76,87 @@ def rgb_jpeg_bytes(data: bytes, name: str) -> bytes:
     return out.getvalue()
 
 
-def inspect(path: str) -> tuple[str | None, str | None]:
-    """(oddity, decoding error) of one image file."""
+Problem = tuple[str, str]
+"""(kind, detail) of an image that cannot be used: ``DOES_NOT_DECODE``, ``UNREADABLE`` or ``TOO_LARGE``."""
+
+
+def examine(file, max_pixels: int = MAX_PIXELS) -> tuple[str | None, Problem | None]:
+    """(oddity, problem) of an open image file (or its bytes in a ``BytesIO``): every byte is
+    read and decoded, unless the header says it is larger than ``max_pixels``."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             odd = oddity(image)
+            check_pixels(image, max_pixels)
             image.draft(None, (1, 1))  # smallest DCT scale: reads and decodes every byte, quickly
             image.load()
         return odd, None
+    except TooManyPixels as exc:
+        return None, (TOO_LARGE, str(exc))
+    except UnidentifiedImageError:  # its message names the file object, not the file
+        return None, (DOES_NOT_DECODE, "not an image format PIL reads")
     except DECODE_ERRORS as exc:
-        return None, str(exc) or type(exc).__name__
+        return None, (DOES_NOT_DECODE, str(exc) or type(exc).__name__)
 
 
-def _inspect_many(paths: list[str]) -> list[tuple[str | None, str | None]]:
-    return [inspect(p) for p in paths]
+def inspect(path: str, max_pixels: int = MAX_PIXELS) -> tuple[str | None, Problem | None]:
+    """(oddity, problem) of one image file."""
+    try:
+        with open(path, "rb") as f:
+            return examine(f, max_pixels)
+    except PermissionError:
+        return None, (UNREADABLE, CANNOT_OPEN)
+    except OSError as exc:  # a directory named like an image, a file removed meanwhile
+        return None, (DOES_NOT_DECODE, exc.strerror or str(exc))
+
+
+def _inspect_many(paths: list[str], max_pixels: int = MAX_PIXELS) -> list[tuple[str | None, Problem | None]]:
+    return [inspect(p, max_pixels) for p in paths]
+
+
+_THEY = {DOES_NOT_DECODE: "do not decode", UNREADABLE: "cannot be read (permission denied)", TOO_LARGE: "are larger than the pixel limit"}
+
+
+def problem_lines(problems: list[tuple[str, Problem]], max_listed: int, advice: dict[str, str], noun: str) -> list[str]:
+    """``kind: where (detail)`` per problem, at most ``max_listed`` of each kind, then how many
+    ``noun``s have it and ``advice[kind]``."""
+    lines = []
+    for kind in (DOES_NOT_DECODE, UNREADABLE, TOO_LARGE):
+        of_kind = [(where, detail) for where, (k, detail) in problems if k == kind]
+        lines += [f"{kind}: {where} ({detail})" for where, detail in of_kind[:max_listed]]
+        if len(of_kind) > max_listed:
+            lines.append(f"... and {len(of_kind) - max_listed} more")
+        if of_kind:
+            lines.append(f"{len(of_kind)} {noun}(s) {_THEY[kind]}: {advice[kind]}")
+    return lines
+
+
+FOLDER_ADVICE = {
+    DOES_NOT_DECODE: "replace or delete these files",
+    UNREADABLE: "make these files readable (chmod a+r): the images themselves may be fine",
+    TOO_LARGE: "shrink them, or raise data.max_image_pixels (--max-image-pixels here) if they are meant to be this large",
+}
 
 
 @dataclass
 class Report:
     root: Path
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    undecodable: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[tuple[str, Problem]] = field(default_factory=list)
     one_split: dict[str, str] = field(default_factory=dict)
     oddities: dict[str, list[str]] = field(default_factory=dict)
     fixed: list[str] = field(default_factory=list)
 
     @property
+    def undecodable(self) -> list[tuple[str, str]]:
+        """(path, error) of the files that do not decode."""
+        return [(path, detail) for path, (kind, detail) in self.problems if kind == DOES_NOT_DECODE]
+
+    @property
     def clean(self) -> bool:
-        """Nothing left to fix: every image decodes, every class is in both splits, no oddity unfixed."""
+        """Nothing left to fix: every image reads and decodes within the pixel limit, every class
+        is in both splits, no oddity unfixed."""
         unfixed = [p for paths in self.oddities.values() for p in paths if p not in self.fixed]
-        return not (self.undecodable or self.one_split or unfixed)
+        return not (self.problems or self.one_split or unfixed)
 
     def lines(self, max_listed: int = 20) -> list[str]:
         lines = [f"verify {self.root}"]
@@ -105,10 +167,7 @@ class Report:
             lines += [f"  {cls}: {n}" for cls, n in sorted(per_class.items())] if len(per_class) <= max_listed else []
         for cls, split in sorted(self.one_split.items()):
             lines.append(f"class {cls} is in {split}/ only")
-        for path, error in self.undecodable[:max_listed]:
-            lines.append(f"does not decode: {path} ({error})")
-        if len(self.undecodable) > max_listed:
-            lines.append(f"... and {len(self.undecodable) - max_listed} more files that do not decode")
+        lines += problem_lines(self.problems, max_listed, FOLDER_ADVICE, "file")
         for kind, paths in sorted(self.oddities.items()):
             lines.append(f"{kind}: {len(paths)} file(s)" + (", re-encoded as RGB JPEG" if all(p in self.fixed for p in paths) else ""))
             lines += [f"  {p}" for p in paths[:max_listed]]
@@ -140,8 +199,10 @@ def fix_file(path: Path) -> None:
     os.replace(temporary, path)
 
 
-def verify(root: str | Path, fix: bool = False, workers: int | None = None, progress: bool = True) -> Report:
+def verify(root: str | Path, fix: bool = False, workers: int | None = None, progress: bool = True, max_pixels: int = MAX_PIXELS) -> Report:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"dataset folder {str(root)!r} is a file, expected a folder: verify a folder laid out as ROOT/train/<class>/*.JPEG")
     if not root.is_dir():
         raise DataError(f"dataset folder {str(root)!r} does not exist")
     tree = image_files(root)
@@ -155,21 +216,22 @@ def verify(root: str | Path, fix: bool = False, workers: int | None = None, prog
     workers = workers or os.cpu_count() or 1
     chunk = 64
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    inspect_many = functools.partial(_inspect_many, max_pixels=max_pixels)
     with Progress(len(paths), f"verify {root.name}", every=max(chunk, len(paths) // 20), unit="image", enabled=progress) as bar:
         if workers > 1 and len(chunks) > 1:
             with ProcessPoolExecutor(workers) as pool:
                 results = []
-                for part in pool.map(_inspect_many, chunks):
+                for part in pool.map(inspect_many, chunks):
                     results += part
                     bar.update(len(part))
         else:
             results = []
             for part in chunks:
-                results += _inspect_many(part)
+                results += inspect_many(part)
                 bar.update(len(part))
-    for path, (odd, error) in zip(paths, results):
-        if error is not None:
-            report.undecodable.append((path, error))
+    for path, (odd, problem) in zip(paths, results):
+        if problem is not None:
+            report.problems.append((path, problem))
         elif odd is not None:
             report.oddities.setdefault(odd, []).append(path)
     if fix:
@@ -189,10 +251,14 @@ class ShardsReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     shards: int = 0
     mismatched: list[str] = field(default_factory=list)
+    decoded: int | None = None
+    """Samples decoded (``--decode``), None when not asked."""
+    problems: list[tuple[str, Problem]] = field(default_factory=list)
+    """(sample and shard, problem) of the samples that do not decode (``--decode``)."""
 
     @property
     def clean(self) -> bool:
-        return not self.mismatched
+        return not (self.mismatched or self.problems)
 
     def lines(self, max_listed: int = 20) -> list[str]:
         lines = [f"verify {self.root} (shards)"]
@@ -201,11 +267,41 @@ class ShardsReport:
             lines.append(f"{split}: {sum(sizes)} images in {len(sizes)} classes, {sizes[0]}..{sizes[-1]} per class")
             lines += [f"  {cls}: {n}" for cls, n in sorted(per_class.items())] if len(per_class) <= max_listed else []
         lines += [f"checksum differs from index.json: {path}" for path in self.mismatched]
-        lines.append(f"{self.shards} shards, checksums match index.json" if self.clean else f"{len(self.mismatched)} of {self.shards} shards are damaged: restore them or re-run distq data pack")
+        lines.append(f"{self.shards} shards, checksums match index.json" if not self.mismatched else f"{len(self.mismatched)} of {self.shards} shards are damaged: restore them or re-run distq data pack")
+        if self.decoded is not None:
+            lines += problem_lines(self.problems, max_listed, SHARDS_ADVICE, "sample")
+            checked = "" if not self.mismatched else " of the undamaged shards"
+            lines.append(f"decoded {self.decoded} images{checked}: " + ("all decode" if not self.problems else f"{len(self.problems)} cannot be used"))
         return lines
 
 
-def verify_shards(root: str | Path, progress: bool = True) -> ShardsReport:
+SHARDS_ADVICE = {
+    DOES_NOT_DECODE: f"replace or delete those images in the folder the shards were packed from, then {REPACK}",
+    UNREADABLE: "make the shard files readable (chmod a+r)",
+    TOO_LARGE: f"shrink those images in the folder the shards were packed from and {REPACK}, or raise data.max_image_pixels (--max-image-pixels here)",
+}
+
+
+def _examine_bytes(data: bytes, max_pixels: int) -> tuple[str | None, Problem | None]:
+    return examine(io.BytesIO(data), max_pixels)
+
+
+def _decode_split(split, first: int, count: int, pool: ThreadPoolExecutor, max_pixels: int, bar: Progress, chunk: int = 256) -> list[tuple[str, Problem]]:
+    """Problems of samples ``first .. first + count - 1`` of ``split``: read here, decoded by ``pool``'s
+    threads (PIL decodes without holding the GIL)."""
+    problems = []
+    for start in range(first, first + count, chunk):
+        indices = range(start, min(start + chunk, first + count))
+        images = [split.read(i)[0] for i in indices]
+        for index, (_, problem) in zip(indices, pool.map(functools.partial(_examine_bytes, max_pixels=max_pixels), images)):
+            if problem is not None:
+                problems.append((split.describe(index), problem))
+        bar.update(len(images))
+    return problems
+
+
+def verify_shards(root: str | Path, progress: bool = True, decode: bool = False, workers: int | None = None, max_pixels: int = MAX_PIXELS) -> ShardsReport:
+    """Counts, checksums and, with ``decode``, every sample's image (of the shards whose checksum matches)."""
     import hashlib
 
     import numpy as np
@@ -215,6 +311,7 @@ def verify_shards(root: str | Path, progress: bool = True) -> ShardsReport:
     folder = ShardsFolder.open(root)
     report = ShardsReport(Path(root))
     splits = {name: folder.split(name) for name in folder.splits}
+    intact: list[tuple[str, int]] = []  # (split, shard number) of the shards whose checksum matches
     total = sum(s.bytes for split in splits.values() for s in split.shards)
     with Progress(max(1, total >> 20), f"verify {report.root.name}", every=max(1, total >> 24), unit="MiB", enabled=progress) as bar:
         for name, split in splits.items():
@@ -230,6 +327,13 @@ def verify_shards(root: str | Path, progress: bool = True) -> ShardsReport:
                     continue
                 first = int(split.starts[shard_number])
                 labels[first : first + shard.samples] = [split.read_label(i) for i in range(first, first + shard.samples)]
+                intact.append((name, shard_number))
             report.shards += len(split.shards)
             report.counts[name] = {folder.classes[c]: int(n) for c, n in enumerate(np.bincount(labels, minlength=len(folder.classes))) if n}
+    if decode:
+        report.decoded = sum(splits[name].shards[number].samples for name, number in intact)
+        with Progress(report.decoded, f"decode {report.root.name}", every=max(1, report.decoded // 20), unit="image", enabled=progress) as bar, ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for name, number in intact:
+                split = splits[name]
+                report.problems += _decode_split(split, int(split.starts[number]), split.shards[number].samples, pool, max_pixels, bar)
     return report

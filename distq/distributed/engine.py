@@ -148,11 +148,7 @@ class Engine:
 
     def gather_objects(self, obj) -> list:
         """``obj`` of every rank, in rank order (on every rank)."""
-        if not self.env.distributed:
-            return [obj]
-        out = [None] * self.env.world
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_objects(obj, self.env)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.env.distributed:
@@ -257,11 +253,7 @@ class DeepSpeedEngine(Engine):
             # made every multi-process run train differently from the one-process run.
             "gradient_clipping": train.grad_clip or 0.0,
         }
-        if not dist.is_initialized():
-            deepspeed.init_distributed(
-                dist_backend=cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-                timeout=datetime.timedelta(seconds=cfg.timeout_s),
-            )
+        join_process_group(cfg, env)
         _give_deepspeed_the_timeout(cfg.timeout_s)
         if cfg.sync_bn:
             convert_sync_batchnorm(team, self.device)  # keeps the Parameter objects the optimizer holds
@@ -352,6 +344,28 @@ class DeepSpeedEngine(Engine):
     def _partitions(self):
         """(parameters of the group, this rank's flat fp32 partition of it), per parameter group."""
         return zip(self.optimizer.bit16_groups, self.optimizer.single_partition_of_fp32_groups)
+
+
+def join_process_group(cfg: DistConfig, env: DistEnv) -> None:
+    """Every rank of a multi-process job: join the job's process group (DeepSpeed's way, which
+    the DeepSpeed engine then uses), if not already in it. One process: nothing."""
+    if not env.distributed or dist.is_initialized():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend=cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+        timeout=datetime.timedelta(seconds=cfg.timeout_s),
+    )
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """``obj`` of every rank, in rank order (on every rank); the process group must be joined."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gradient_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ read and this module owns its own options.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from distq.export.onnx_format import FORMATS, ONNX_FORMATS, OPSET
 
@@ -25,7 +26,12 @@ def add_commands(sub) -> None:
         "AQE activations and AQE weights whose alpha is below 1 have no exact ONNX form and are refused.",
     )
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint folder written by distq train")
-    export.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    export.add_argument("--out", required=True, metavar="FILE", help="the file to write (not an existing one: see --force)")
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists (never a file among a run's checkpoints, nor the checkpoint exported)",
+    )
     export.add_argument("--format", default="safetensors", metavar="FORMAT", help=f"{', '.join(FORMATS)} (default: %(default)s)")
     export.add_argument("--model", metavar="NAME", help="which model of the checkpoint (default: 'model', or its only one)")
     export.add_argument(
@@ -42,7 +48,9 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.format not in FORMATS:
         raise ExportError(f"unknown export format {args.format!r}: choose one of {', '.join(FORMATS)}")
-    check_writable(args.out)
+    check_writable(args.out, overwrite=args.force)
+    if Path(args.checkpoint).is_file() and Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise ExportError(f"refusing to write {args.out!r}: it is the checkpoint being exported; choose another --out")
     if args.format in ONNX_FORMATS:
         from distq.export.onnx_export import export_onnx
 

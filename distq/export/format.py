@@ -125,11 +125,15 @@ def write_export(export: ExportFile, path: str | Path) -> int:
     return len(data)
 
 
-def check_writable(path: str | Path) -> None:
-    """Refuse an output path that cannot be written, before any work is done for it."""
+def check_writable(path: str | Path, overwrite: bool = True) -> None:
+    """Refuse an output path that cannot be written, before any work is done for it: a folder,
+    a place inside a run's checkpoints (always), an existing file (unless ``overwrite``)."""
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"cannot write {str(path)!r}: it is a directory; give the name of the file to write")
+    _refuse_checkpoint_folder(path)
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise ExportError(f"{str(path)!r} already exists: pass --force to replace it, or choose another --out")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the writer creates missing folders below the nearest existing one
@@ -143,17 +147,47 @@ def write_file(path: str | Path, data: bytes) -> None:
     """Write ``data`` atomically to ``path``; an OS refusal is an ``ExportError`` naming the file."""
     from distq.checkpoint import atomic_write
 
+    _refuse_checkpoint_folder(Path(path))
     try:
         atomic_write(Path(path), lambda f: f.write(data))
     except OSError as exc:
         raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
+def _refuse_checkpoint_folder(path: Path) -> None:
+    """An export never goes among a run's checkpoints: it would replace one, or be taken for one."""
+    from distq.checkpoint.store import enclosing_checkpoints
+
+    folder = enclosing_checkpoints(path)
+    if folder is not None:
+        raise ExportError(
+            f"refusing to write {str(path)!r}: it is inside {str(folder)!r}, a training run's checkpoints, which an export "
+            "must not replace or mix with (--force does not change this); write it elsewhere, e.g. RUN_DIR/model.safetensors"
+        )
+
+
+def not_a_file(path: Path, what: str, write_hint: str) -> ExportError:
+    """The error for an export path that is not a readable file: missing, a folder (a training
+    run's, perhaps), or something else."""
+    from distq.checkpoint.store import holds_checkpoints
+
+    if path.is_dir():
+        if holds_checkpoints(path):
+            return ExportError(
+                f"{what} is a directory holding a training checkpoint, not an export file: evaluate it with "
+                f"'distq eval {path}' (no --engine), or export it first with 'distq export {path} --out FILE'"
+            )
+        return ExportError(f"{what} is a directory, not an export file: give the path of a file written by 'distq export'")
+    if path.exists():
+        return ExportError(f"{what} is not a regular file: give the path of a file written by 'distq export'")
+    return ExportError(f"{what} not found: {write_hint}")
+
+
 def read_export(path: str | Path) -> ExportFile:
     """Read and validate an export file; every problem is an ``ExportError`` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"export file {str(path)!r} not found: write one with 'distq export CHECKPOINT --out FILE'")
+        raise not_a_file(path, f"export file {str(path)!r}", "write one with 'distq export CHECKPOINT --out FILE'")
     return from_bytes(path.read_bytes(), str(path))
 
 
@@ -189,7 +223,27 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> ExportFile:
         raise ExportError(f"{what} is corrupt: safetensors cannot read its tensors ({str(exc).splitlines()[0]})") from None
     if tensor_digest(tensors) != header.get("sha256"):
         raise ExportError(f"{what} is corrupt: its tensor data does not match the checksum in its header")
+    check_finite(tensors, what)
     return ExportFile(header=header, tensors=tensors)
+
+
+def check_finite(tensors: dict, what: str) -> None:
+    """ExportError if a float tensor of an export holds NaN or infinite values (a diverged model)."""
+    from distq.checkpoint.finite import nonfinite_entries
+
+    bad = nonfinite_entries(tensors)
+    if bad:
+        raise nonfinite_export(what, bad)
+
+
+def nonfinite_export(what: str, names: list[str]) -> ExportError:
+    """The error for an export (of any format) whose tensors ``names`` hold NaN or infinite values."""
+    from distq.checkpoint.finite import describe_nonfinite
+
+    return ExportError(
+        f"{what} cannot be used: {describe_nonfinite(names)}: the model it was exported from diverged; export an "
+        "earlier checkpoint (RUN_DIR/checkpoints/step_*), or train again with a lower train.lr"
+    )
 
 
 def _safetensors_header(data: bytes, what: str) -> tuple[dict, int]:

@@ -21,16 +21,22 @@ def add_commands(sub) -> None:
     predict.add_argument("export_file", metavar="FILE", help="a file written by distq export (safetensors, or .onnx)")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    predict.add_argument(
+        "--max-image-pixels", type=int, metavar="N", help="refuse images larger than N pixels, width x height (default: data.max_image_pixels's default)"
+    )
     predict.set_defaults(func=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from distq.errors import DistqError
     from distq.infer.evaluate import load_runner, predict
     from distq.infer.onnx_runtime import is_onnx_file
 
     runner = load_runner(args.export_file, "onnx" if is_onnx_file(args.export_file) else "int")
     names = runner.class_names
-    results = predict(runner, args.images)
+    if args.max_image_pixels is not None and args.max_image_pixels <= 0:
+        raise DistqError(f"--max-image-pixels={args.max_image_pixels} must be > 0")
+    results = predict(runner, args.images, max_pixels=args.max_image_pixels)
     for path, top in zip(args.images, results):
         if args.json:
             top5 = [{"class": c, **({"name": names[c]} if names.get(c) else {}), "probability": p} for c, p in top]

@@ -49,16 +49,12 @@ def evaluate_export(path: str, data_root: str | None = None, engine_name: str = 
     """Top-1/top-5 (percent) of the integer engine (or onnxruntime) on ``data_root``'s val
     split (default: the dataset the model was trained on), and which kernels ran."""
     from distq.data import class_names, ensure_digits, image_folder
+    from distq.evaluate import check_same_classes
     from distq.train.metrics import topk_correct
 
     engine = load_runner(path, engine_name)
     root = Path(data_root or engine.header.get("source", {}).get("data_root") or ensure_digits())
-    classes = class_names(root)
-    if classes != engine.classes:
-        raise DistqError(
-            f"dataset {str(root)!r} has classes {classes[:3]}... but export file {path!r} was trained on "
-            f"{engine.classes[:3]}...: evaluate on a dataset with the same class folders"
-        )
+    check_same_classes(class_names(root), engine.classes, f"dataset {str(root)!r}", f"export file {path!r}")
     loader = DataLoader(
         image_folder(root, "val", val_transform(engine.header["preprocess"])),
         batch_size=EVAL_BATCH_SIZE,
@@ -79,15 +75,19 @@ def evaluate_export(path: str, data_root: str | None = None, engine_name: str = 
     }
 
 
-def predict(engine: IntegerModel | OnnxModel, image_paths: list[str], k: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-``k`` (class name, probability) for each image."""
-    from distq.data.folder import load_rgb
+def predict(engine: IntegerModel | OnnxModel, image_paths: list[str], k: int = 5, max_pixels: int | None = None) -> list[list[tuple[str, float]]]:
+    """Top-``k`` (class name, probability) for each image; an image larger than ``max_pixels``
+    (default: data.max_image_pixels's) is an error naming ``--max-image-pixels``."""
+    from distq.data.folder import MAX_PIXELS, load_rgb
 
     transform = val_transform(engine.header["preprocess"])
+    folders = [p for p in image_paths if Path(p).is_dir()]
+    if folders:
+        raise DistqError(f"image file {folders[0]!r} is a directory, expected an image file: give the images in it (e.g. {folders[0]}/*.jpg)")
     missing = [p for p in image_paths if not Path(p).is_file()]
     if missing:
         raise DistqError(f"image file {missing[0]!r} not found")
-    batch = torch.stack([transform(load_rgb(p)) for p in image_paths])
+    batch = torch.stack([transform(load_rgb(p, max_pixels or MAX_PIXELS, "--max-image-pixels")) for p in image_paths])
     probs = torch.softmax(engine(batch), dim=1)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [

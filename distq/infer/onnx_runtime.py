@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distq.export.format import ExportError
+from distq.export.format import ExportError, nonfinite_export, not_a_file
 from distq.export.onnx_export import require
 
 ONNX_SUFFIX = ".onnx"
@@ -34,7 +34,7 @@ class OnnxModel:
         path = Path(path)
         what = f"ONNX file {str(path)!r}"
         if not path.is_file():
-            raise ExportError(f"{what} not found: write one with 'distq export CHECKPOINT --format onnx --out FILE'")
+            raise not_a_file(path, what, "write one with 'distq export CHECKPOINT --format onnx --out FILE'")
         ort = require("onnxruntime", "running an ONNX file")
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION)
@@ -48,6 +48,7 @@ class OnnxModel:
             raise ExportError(f"{what} cannot be run by onnxruntime ({reason[:300]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.header = self._header(meta, what)
+        _check_initializers(path, what)
         self.classes: list[str] = list(self.header["classes"])
         self.class_names: dict[str, str] = dict(zip(self.classes, json.loads(meta.get("class_names", "[]"))))
         """Readable names of the classes that have one (ImageNet: wnid -> "tench, Tinca tinca")."""
@@ -67,3 +68,20 @@ class OnnxModel:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(images.detach().float().cpu().numpy())
         return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
+
+
+def _check_initializers(path: Path, what: str) -> None:
+    """ExportError if a float initializer (weights, scales) holds NaN or infinite values: a
+    diverged model, which onnxruntime would run without a word."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:  # onnxruntime alone: nothing to read the initializers with
+        return
+    bad = []
+    for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad.append(init.name)
+    if bad:
+        raise nonfinite_export(what, bad)

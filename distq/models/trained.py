@@ -4,11 +4,14 @@ integer engine's verifier rebuild a trained network."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.nn as nn
 
-from distq.checkpoint import CheckpointError, load_state, load_weights
+from distq.checkpoint import CheckpointError, load_weights
+from distq.checkpoint.finite import NonFiniteError, describe_nonfinite, nonfinite_entries
+from distq.checkpoint.store import read_state, say_on_stderr, state_file
 from distq.config import DistqConfig, config_from_dict
 from distq.models.build import build_model
 from distq.models.team import SINGLE, roster
@@ -55,9 +58,18 @@ class TrainedCheckpoint:
         return model.eval()
 
 
-def load_trained(path: str | Path) -> TrainedCheckpoint:
-    """A run directory, a checkpoint folder or a ``state.pt``, as ``distq.checkpoint.load_state`` reads it."""
-    state = load_state(path)
+def load_trained(path: str | Path, say: Callable[[str], None] = say_on_stderr) -> TrainedCheckpoint:
+    """A run directory, a checkpoint folder or a ``state.pt``, as ``distq.checkpoint.load_state`` reads it
+    (checked against its manifest; ``say`` gets one line per newer checkpoint passed over); a
+    NonFiniteError if its models hold NaN or infinite values."""
+    file = state_file(path, say)
+    state = read_state(file)
+    bad = nonfinite_entries(state["models"])
+    if bad:
+        raise NonFiniteError(
+            f"checkpoint {str(file)!r} cannot be used: {describe_nonfinite(bad)}: the run diverged; evaluate or export "
+            "an earlier checkpoint (RUN_DIR/checkpoints/step_*), or resume from one with a lower train.lr"
+        )
     cfg = config_from_dict(state["config"])
     cfg.model = dataclasses.replace(cfg.model, pretrained=None)
     return TrainedCheckpoint(str(path), state, cfg)

@@ -177,6 +177,8 @@ class RunLock:
         if not self.path.exists():
             return "it is gone"
         if holder is not None:
+            if holder.host == self.me.host and holder.pid == self.me.pid:
+                return "it is this process's own (an earlier trainer in it)"
             if holder.slurm_job and holder.slurm_job == self.me.slurm_job and holder.slurm_restart != self.me.slurm_restart:
                 return f"it is this SLURM job's own, from before its requeue (restart {holder.slurm_restart or 0})"
             if holder.host == self.me.host and not _alive(holder):

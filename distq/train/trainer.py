@@ -23,7 +23,7 @@ from distq.data import build_loaders
 from distq.data.bundle import epoch_seed
 from distq.data.order import configured_layout
 from distq.distributed import TeamModule, build_engine, detect
-from distq.distributed.engine import use_device
+from distq.distributed.engine import gather_objects, join_process_group, use_device
 from distq.errors import DistqError, SaidByRankZero
 from distq.models.team import build_team, main_model_name
 from distq.progress import Progress
@@ -60,9 +60,20 @@ class Trainer:
         if overwrite and resume is not None:
             raise DistqError("--overwrite starts a run over and --resume continues one: pass only one of them")
         self.resume_mode, self.overwrite = resume, overwrite
-        torch.manual_seed(cfg.seed)
         self.checkpoints = Checkpointing(self.run_dir, cfg.run.keep_checkpoints)
-        self.found: Found | None = self.checkpoints.find(resume)
+        join_process_group(cfg.dist, self.env)
+        self.lock = RunLock(self.run_dir, cfg.run.lock_stale_s) if self.is_main else None
+        self.found: Found | None = self.take_run_dir()
+        try:
+            self._build()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
         configured = configured_layout(cfg, self.env.world)
         self.layout = configured if self.found is None else resume_layout(self.found, configured, cfg.data.batch_size, cfg.train.global_batch)
         self.data = build_loaders(cfg.data, cfg.seed, self.layout, self.env.rank)
@@ -93,7 +104,6 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train, list(self.engine.team.buffers()))
         self.grad_norm: float | None = None  # of the last optimizer step
         self.wall_time_before = 0.0  # training time of the runs this one resumes
-        self.lock = RunLock(self.run_dir, cfg.run.lock_stale_s) if self.is_main else None
 
     @property
     def is_main(self) -> bool:
@@ -185,44 +195,46 @@ class Trainer:
     # --- loop -------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train to ``train.epochs``, owning run.dir throughout; returns the results."""
-        self.take_run_dir()
+        """Train to ``train.epochs``; returns the results. Gives run.dir back at the end."""
         try:
             return self._fit()
         finally:
             if self.lock is not None:
                 self.lock.release()
 
-    def take_run_dir(self) -> None:
-        """Every rank: rank 0 takes run.dir's lock and checks that this run may write there (a
-        directory holding another run is refused without --resume or --overwrite); every rank
-        raises the same error if not. Nothing is written to run.dir before this."""
-        error = None
+    def take_run_dir(self) -> Found | None:
+        """Every rank, first of all: rank 0 takes run.dir's lock, chooses the checkpoint to resume
+        and checks that this run may write there (a directory holding another run is refused
+        without --resume or --overwrite); every rank raises the same error if not, or chooses
+        the same checkpoint. Nothing is written to run.dir before this."""
+        error, found = None, None
         if self.is_main:
             try:
                 run_dir.prepare(self.run_dir)
                 self.lock.acquire()
                 for line in self.lock.notes:
                     self.say(line)
-                self._check_run_dir()
+                found = self.checkpoints.find(self.resume_mode)
+                self._check_run_dir(found)
             except DistqError as exc:
-                error = str(exc)
-        error = self.engine.gather_objects(error)[0]
-        if error is not None:
-            if self.is_main:
                 self.lock.release()
-                raise DistqError(error)
-            raise SaidByRankZero(error)
+                error = exc
+        message = gather_objects(None if error is None else str(error), self.env)[0]
+        if message is not None:
+            if error is not None:
+                raise error
+            raise SaidByRankZero(message)
+        return found if self.is_main else self.checkpoints.find(self.resume_mode)
 
-    def _check_run_dir(self) -> None:
-        resuming_here = self.found is not None and self.found.folder.parent.resolve() == checkpoint_dir(self.run_dir).resolve()
+    def _check_run_dir(self, found: Found | None) -> None:
+        resuming_here = found is not None and found.folder.parent.resolve() == checkpoint_dir(self.run_dir).resolve()
         if resuming_here or not run_dir.holds_run(self.run_dir):
             return
         if self.overwrite:
             deleted = run_dir.clear(self.run_dir)
             self.say(f"run.dir {self.run_dir}: --overwrite deleted the earlier run's {', '.join(deleted)}")
             return
-        if self.resume_mode == "auto" and self.found is None and not (self.run_dir / run_dir.RESULTS).exists():
+        if self.resume_mode == "auto" and found is None and not (self.run_dir / run_dir.RESULTS).exists():
             deleted = run_dir.clear(self.run_dir)  # an attempt that died before its first checkpoint
             self.say(f"run.dir {self.run_dir} has no checkpoint to resume: starting afresh (deleted {', '.join(deleted)} of an attempt that saved none)")
             return

@@ -76,5 +76,6 @@ def test_eval_int_on_a_dataset_with_other_classes_is_one_error_line(exported, ma
     root = make_image_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=2)
     assert main(["eval", "--engine", "int", str(exported), "--data", str(root)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and f"dataset '{root}' has classes ['cat', 'dog']..." in err[0]
+    assert len(err) == 1 and f"dataset '{root}' has 2 classes but export file '{exported}' was trained on 10" in err[0]
+    assert "10 of them missing from the data (digit_0, digit_1, digit_2, ...); 2 extra in the data (cat, dog)" in err[0]
     assert "evaluate on a dataset with the same class folders" in err[0]
