@@ -120,8 +120,9 @@ def test_val_tensors_match_torchvision_within_a_grey_level(root):
 def test_constant_colour_is_normalized_exactly(tmp_path):
     colour = (200, 100, 50)
     for split in ("train", "val"):
-        (tmp_path / split / "flat").mkdir(parents=True)
-        Image.new("RGB", (45, 35), colour).save(tmp_path / split / "flat" / "flat.png")  # lossless
+        for name in ("flat", "also_flat"):  # a dataset needs two classes
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (45, 35), colour).save(tmp_path / split / name / "flat.png")  # lossless
     images, _ = _val(build_dali_loaders(_cfg(tmp_path, batch_size=1), seed=0))
     expected = [(c / 255 - m) / s for c, m, s in zip(colour, IMAGENET_MEAN, IMAGENET_STD)]
     assert images.shape == (1, 3, 32, 32)
