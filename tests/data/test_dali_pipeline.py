@@ -125,8 +125,9 @@ def test_constant_colour_is_normalized_exactly(tmp_path):
             Image.new("RGB", (45, 35), colour).save(tmp_path / split / name / "flat.png")  # lossless
     images, _ = _val(build_dali_loaders(_cfg(tmp_path, batch_size=1), seed=0))
     expected = [(c / 255 - m) / s for c, m, s in zip(colour, IMAGENET_MEAN, IMAGENET_STD)]
-    assert images.shape == (1, 3, 32, 32)
-    torch.testing.assert_close(images[0], torch.tensor(expected).view(3, 1, 1).expand(3, 32, 32), rtol=0, atol=1e-5)
+    assert images.shape == (2, 3, 32, 32)
+    for image in images:
+        torch.testing.assert_close(image, torch.tensor(expected).view(3, 1, 1).expand(3, 32, 32), rtol=0, atol=1e-5)
 
 
 # --- (c) sharding --------------------------------------------------------------------------------
