@@ -63,3 +63,21 @@ def test_methods_reference_names_every_policy_and_guided_key():
     assert missing == []
     for arxiv in ("1606.06160", "1711.00205", "1908.04680", "1905.11781", "2206.12794", "2003.04296"):
         assert f"arXiv:{arxiv}" in text
+
+
+SURVIVES = "## What distq refuses, and what it survives"
+
+
+def test_every_row_of_the_refusals_section_names_a_test_that_exists():
+    """README's "What distq refuses, and what it survives": one row per mistake, each naming its
+    tests (``FILE.py::test_name`` in tests/mistakes/), and every test named exists."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(SURVIVES) : text.index("\n## ", text.index(SURVIVES) + 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| mistake") and "---" not in line]
+    assert len(rows) >= 20
+    for row in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row)
+        assert named, f"row without a test: {row}"
+        for file, name in named:
+            source = (REPO / "tests" / "mistakes" / file).read_text()
+            assert re.search(rf"^def {name}\(", source, re.M), f"{file}::{name} named in README.md does not exist"
