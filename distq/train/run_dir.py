@@ -13,15 +13,14 @@ import shutil
 from pathlib import Path
 
 from distq.checkpoint import CheckpointError, CheckpointStore
+from distq.checkpoint.store import RUN_FILES
 from distq.errors import DistqError
 from distq.train.sample_log import FOLDER as SAMPLES
 from distq.train.tb import FOLDER as TENSORBOARD
 
-CONFIG = "config.yaml"
-RESULTS = "results.json"
+CONFIG, RESULTS = RUN_FILES
 RESUMED_CONFIG = "config.resume-{n}.yaml"
 """The effective config of the n-th resume (config.yaml stays the run's original)."""
-RUN_FILES = (CONFIG, RESULTS)
 RUN_FOLDERS = ("checkpoints", TENSORBOARD, SAMPLES)
 
 

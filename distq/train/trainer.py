@@ -424,5 +424,5 @@ class Trainer:
             results["models"] = last["models"]
         if self.is_main:
             text = json.dumps(results, indent=2) + "\n"
-            atomic_write(self.run_dir / "results.json", lambda f: f.write(text.encode()))
+            atomic_write(self.run_dir / run_dir.RESULTS, lambda f: f.write(text.encode()))
         return results

@@ -47,6 +47,19 @@ def finished_run(tiny_run, tmp_path) -> Path:
     return run_dir
 
 
+UNINTERRUPTED = ("log.tensorboard=false", "seed=6")
+"""The overrides of the runs below that must end as one run alone, uninterrupted."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_args, run_distq, digits_root) -> Path:
+    """The tiny run with UNINTERRUPTED, alone and never stopped: what the others must equal."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = run_distq(*tiny_args(run_dir, *UNINTERRUPTED))
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
 def tiny_w2a3(tiny_args, run_dir: Path, *extra: str) -> list[str]:
     """The tiny_run fixture's own command line."""
     return tiny_args(run_dir, "quant.w_bits=2", "quant.a_bits=3", "log.every_steps=5", *extra)
@@ -118,9 +131,9 @@ def test_extending_a_run_says_each_change_and_keeps_the_original_config(finished
 # --- one owner ------------------------------------------------------------------------------
 
 
-def test_a_second_job_on_the_same_run_dir_exits_2_naming_the_first(tmp_path, tiny_args, start_distq, run_distq, poll):
-    alone, shared = tmp_path / "alone", tmp_path / "shared"
-    args = ("log.tensorboard=false", "seed=4")
+def test_a_second_job_on_the_same_run_dir_exits_2_naming_the_first(tmp_path, tiny_args, start_distq, run_distq, poll, uninterrupted):
+    shared = tmp_path / "shared"
+    args = UNINTERRUPTED
     first = start_distq(*tiny_args(shared, *args), log=tmp_path / "first.log")
     assert poll(lambda: (shared / LOCK).exists() or first.poll() is not None, timeout=120)
     time.sleep(1)
@@ -129,10 +142,8 @@ def test_a_second_job_on_the_same_run_dir_exits_2_naming_the_first(tmp_path, tin
     line = one_error_line(second)
     assert f"run.dir {shared} is in use by pid {first.pid} on {socket.gethostname()}" in line
     assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()
-    reference = run_distq(*tiny_args(alone, *args))
-    assert reference.returncode == 0, reference.stderr
-    assert results_without_timings(shared) == results_without_timings(alone)
-    assert yaml.safe_load((shared / "config.yaml").read_text())["seed"] == 4
+    assert results_without_timings(shared) == results_without_timings(uninterrupted)
+    assert yaml.safe_load((shared / "config.yaml").read_text())["seed"] == 6
     assert not (shared / LOCK).exists()  # given back at the end
 
 
@@ -268,11 +279,9 @@ def test_a_read_only_run_dir_is_one_line(small_disk, tiny_args, run_distq):
     assert one_error_line(proc) == f"distq: error: run.dir {disk / 'run'} is on a read-only file system: choose a writable run.dir"
 
 
-def test_a_full_disk_during_a_checkpoint_loses_nothing_and_resumes_exactly(tmp_path, small_disk, tiny_args, run_distq, checkpoint_of, same_state):
-    args = ("log.tensorboard=false", "seed=6")
-    reference = run_distq(*tiny_args(tmp_path / "reference", *args))
-    assert reference.returncode == 0, reference.stderr
-    checkpoint_bytes = sum(p.stat().st_size for p in (tmp_path / "reference" / "checkpoints" / "step_00000022").iterdir())
+def test_a_full_disk_during_a_checkpoint_loses_nothing_and_resumes_exactly(tmp_path, small_disk, tiny_args, run_distq, checkpoint_of, same_state, uninterrupted):
+    args = UNINTERRUPTED
+    checkpoint_bytes = sum(p.stat().st_size for p in (uninterrupted / "checkpoints" / "step_00000022").iterdir())
     # Room for the epoch-1 checkpoint and the run's small files, not for a second checkpoint beside it.
     disk = small_disk(f"{int(checkpoint_bytes * 1.6) // 4096 * 4096}")
     run_dir = disk / "run"
@@ -286,7 +295,7 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing_and_resumes_exactly(tmp_p
     shutil.copytree(run_dir, moved)  # "free the space": the run moves to a disk with room
     resumed = run_distq(*tiny_args(moved, *args), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
-    want, got = checkpoint_of(tmp_path / "reference"), checkpoint_of(moved)
+    want, got = checkpoint_of(uninterrupted), checkpoint_of(moved)
     assert (got["epoch"], got["step"]) == (2, 22)
     same_state(got["models"], want["models"], "models")
     same_state(got["optimizer"], want["optimizer"], "optimizer")
@@ -295,24 +304,23 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing_and_resumes_exactly(tmp_p
 # --- SIGTERM is a pre-emption ------------------------------------------------------------------
 
 
-def test_sigterm_mid_epoch_checkpoints_and_the_resumed_run_ends_as_the_uninterrupted_one(tmp_path, tiny_args, start_distq, run_distq, poll, checkpoint_of, same_state):
-    args = ("log.tensorboard=false", "seed=8", "data.batch_size=32", "data.workers=2", "log.every_steps=5", "log.progress=true")
-    reference = run_distq(*tiny_args(tmp_path / "reference", *args))
-    assert reference.returncode == 0, reference.stderr
+def test_sigterm_mid_epoch_checkpoints_and_the_resumed_run_ends_as_the_uninterrupted_one(tmp_path, tiny_args, start_distq, run_distq, poll, checkpoint_of, same_state, uninterrupted):
+    # Loader workers too (they must not die of the signal) and a plain progress line every step.
+    args = (*UNINTERRUPTED, "data.workers=2", "log.every_steps=1", "log.progress=true")
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = start_distq(*tiny_args(run_dir, *args), log=log)
-    assert poll(lambda: "epoch 2/2: 10/45 steps" in log.read_text() or proc.poll() is not None, timeout=300), log.read_text()
+    assert poll(lambda: "epoch 2/2: 2/11 steps" in log.read_text() or proc.poll() is not None, timeout=300), log.read_text()
     # As SLURM pre-empts: SIGTERM to every process of the job (the loader's workers too).
     for pid in [proc.pid, *_children(proc.pid)]:
         os.kill(pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 3, log.read_text()
     stopped = checkpoint_of(run_dir)["step"]
-    assert 45 + 10 <= stopped < 45 * 2, log.read_text()
+    assert 11 + 2 <= stopped < 22, log.read_text()
     assert "checkpoint saved, resume with --resume auto" in log.read_text()
     resumed = run_distq(*tiny_args(run_dir, *args), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
-    want, got = checkpoint_of(tmp_path / "reference"), checkpoint_of(run_dir)
-    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"]) == (2, 90)
+    want, got = checkpoint_of(uninterrupted), checkpoint_of(run_dir)
+    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"]) == (2, 22)
     same_state(got["models"], want["models"], "models")
     same_state(got["optimizer"], want["optimizer"], "optimizer")
 

@@ -239,7 +239,8 @@ def test_a_truncated_shard_falls_back_to_the_previous_checkpoint_in_one_line(two
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"checkpoint step_00000022 cannot be used: optim-00000-of-00001.pt has 1000 bytes, the manifest says {size} (truncated or overwritten): passed over"
-    assert lines[1] == f"resumed from {two_epoch_run / 'checkpoints' / 'step_00000011'} at epoch 1, step 11"
+    assert lines[1] == "config change on resume: train.epochs: 2 -> 3"
+    assert lines[2] == f"resumed from {two_epoch_run / 'checkpoints' / 'step_00000011'} at epoch 1, step 11"
     assert checkpoint_of(two_epoch_run)["step"] == 33
     assert "Traceback" not in done.stderr
 
