@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distq.errors import DistqError
+from distq.train.run_dir import prepare
 from distq.train.run_lock import LOCK, Holder, RunDirBusy, RunLock
 from distq.train.trainer import MEASURED_KEYS
 
@@ -247,9 +249,9 @@ def test_a_run_dir_that_is_a_file_or_under_a_file_is_one_line(tmp_path, tiny_arg
     afile.write_text("not a folder")
     proc = run_distq(*tiny_args(afile))
     assert proc.returncode == 2 and one_error_line(proc) == f"distq: error: run.dir {afile} is a file, not a folder: choose another run.dir"
-    proc = run_distq(*tiny_args(afile / "run"))
-    assert proc.returncode == 2
-    assert one_error_line(proc) == f"distq: error: run.dir {afile / 'run'} cannot be created: {afile} is a file, not a folder; choose another run.dir"
+    with pytest.raises(DistqError) as under:
+        prepare(afile / "run")
+    assert str(under.value) == f"run.dir {afile / 'run'} cannot be created: {afile} is a file, not a folder; choose another run.dir"
     assert afile.read_text() == "not a folder"
 
 
