@@ -153,7 +153,8 @@ def test_a_second_job_on_the_same_run_dir_exits_2_naming_the_first(tmp_path, tin
 def test_a_second_two_process_job_exits_2_naming_the_first(tmp_path, torchrun, poll):
     """The same on 2 processes each (torchrun): every rank of the second job stops; rank 0 says why."""
     alone, shared = tmp_path / "alone", tmp_path / "shared"
-    args = ("train", "configs/digits_w4a4.yaml", "model.width=4", "data.batch_size=64", "data.workers=0", "train.epochs=2",
+    # Long enough (8 epochs) that the second job, starting its processes, finds the first still running.
+    args = ("train", "configs/digits_w4a4.yaml", "model.width=4", "data.batch_size=64", "data.workers=0", "train.epochs=8",
             "log.progress=false", "log.tensorboard=false")  # fmt: skip
     first = torchrun(2, *args, f"run.dir={shared}", log=tmp_path / "first.log", wait=False)
     assert poll(lambda: (shared / LOCK).exists() or first.poll() is not None, timeout=300)
