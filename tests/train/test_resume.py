@@ -63,7 +63,8 @@ def assert_each_sample_once_per_epoch(run_dir, global_batch: int, epochs: int = 
 # --- one process, a SIGKILL at a random moment ---------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# Loader workers (2) are also in tests/mistakes/test_run_dir.py's SIGTERM test, which resumes bitwise too.
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_killed_run_resumes_bitwise(tmp_path, make_image_folder, tiny_args, start_distq, run_distq, poll, checkpoint_of, steps_committed, same_state, workers):
     # A small ImageNet-layout folder keeps three processes of three epochs to seconds.
     root = make_image_folder(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=24, size=(32, 32))
