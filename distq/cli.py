@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a model from a YAML config", description="Train a model from a YAML config.")
+    train = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train a model from a YAML config. One job at a time owns run.dir (a second one is refused). "
+        "Exit status: 0 trained (or nothing left to train); 2 an input error, said in one line; 3 checkpointed on "
+        "SIGUSR1 or SIGTERM, continue with --resume auto; 4 stopped because the loss or the gradients were not finite.",
+    )
     train.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config file (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. train.epochs=5")
     train.add_argument(
