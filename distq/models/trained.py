@@ -68,7 +68,7 @@ def load_trained(path: str | Path, say: Callable[[str], None] = say_on_stderr) -
     if bad:
         raise NonFiniteError(
             f"checkpoint {str(file)!r} cannot be used: {describe_nonfinite(bad)}: the run diverged; evaluate or export "
-            "an earlier checkpoint (RUN_DIR/checkpoints/step_*), or resume from one with a lower train.lr"
+            "an earlier checkpoint (RUN_DIR/checkpoints/step_*), or train again with a lower train.lr"
         )
     cfg = config_from_dict(state["config"])
     cfg.model = dataclasses.replace(cfg.model, pretrained=None)

@@ -106,14 +106,7 @@ def test_a_safetensors_export_with_nan_is_refused_by_eval_and_predict(exported, 
     tensors[name][0] = float("nan")
     bad = tmp_path / "diverged.safetensors"
     bad.write_bytes(to_bytes(ExportFile(good.header, tensors)))  # a fresh checksum: only the NaN check can tell
-    image = next((digits_root / "val" / "digit_0").iterdir())
-    for argv in (["eval", "--engine", "int", str(bad)], ["predict", str(bad), str(image)]):
-        assert main(argv) == 2, argv
-        assert one_error_line(capsys) == (
-            f"distq: error: export file '{bad}' cannot be used: 1 tensor holds NaN or infinite values ({name}): the model "
-            "it was exported from diverged; export an earlier checkpoint (RUN_DIR/checkpoints/step_*), or train again "
-            "with a lower train.lr"
-        ), argv
+    refused_by_eval_and_predict("int", bad, f"export file '{bad}'", name, digits_root, capsys)
     assert torch.isnan(tensors[name]).any()
 
 
@@ -133,11 +126,16 @@ def test_an_onnx_export_with_nan_is_refused_by_eval_and_predict(tiny_run, tmp_pa
     model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, init.name))
     bad = tmp_path / "diverged.onnx"
     onnx.save(model, str(bad))
+    refused_by_eval_and_predict("onnx", bad, f"ONNX file '{bad}'", init.name, digits_root, capsys)
+
+
+def refused_by_eval_and_predict(engine: str, bad, what: str, tensor: str, digits_root, capsys) -> None:
+    """``eval --engine ENGINE`` and ``predict`` of the export file ``bad`` each refuse it in one line."""
     image = next((digits_root / "val" / "digit_0").iterdir())
-    for argv in (["eval", "--engine", "onnx", str(bad)], ["predict", str(bad), str(image)]):
+    for argv in (["eval", "--engine", engine, str(bad)], ["predict", str(bad), str(image)]):
         assert main(argv) == 2, argv
         assert one_error_line(capsys) == (
-            f"distq: error: ONNX file '{bad}' cannot be used: 1 tensor holds NaN or infinite values ({init.name}): the "
-            "model it was exported from diverged; export an earlier checkpoint (RUN_DIR/checkpoints/step_*), or train "
-            "again with a lower train.lr"
+            f"distq: error: {what} cannot be used: 1 tensor holds NaN or infinite values ({tensor}): the model it was "
+            "exported from diverged; export an earlier checkpoint (RUN_DIR/checkpoints/step_*), or train again with a "
+            "lower train.lr"
         ), argv

@@ -133,7 +133,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_eval_and_every_export_forma
         assert one_error_line(capsys) == (
             f"distq: error: checkpoint '{folder / 'state.pt'}' cannot be used: 1 tensor holds NaN or infinite values "
             "(model.conv1.weight): the run diverged; evaluate or export an earlier checkpoint (RUN_DIR/checkpoints/step_*), "
-            "or resume from one with a lower train.lr"
+            "or train again with a lower train.lr"
         ), argv
     assert not out.exists()
 
