@@ -51,14 +51,16 @@ class NonFiniteGuard:
         bad = ~torch.isfinite(total.detach())
         self.bad_loss = bad if self.bad_loss is None else self.bad_loss | bad
 
-    def end_step(self, step: int, where: str, grad_norm: float | None, any_rank) -> bool:
-        """After the optimizer step ``step`` (1-based): True if it was finite. ``any_rank(flag)``
-        is true on every rank when ``flag`` is true on any. Raises NonFiniteTraining to stop."""
+    def end_step(self, epoch: int, step: int, grad_norm: float | None, any_rank) -> bool:
+        """After the optimizer step ``step`` of ``epoch`` (both 1-based): True if it was finite.
+        ``any_rank(flag)`` is true on every rank when ``flag`` is true on any. Raises
+        NonFiniteTraining to stop."""
         loss_bad = bool(self.bad_loss.item()) if self.bad_loss is not None else False
         norm_bad = grad_norm is not None and not math.isfinite(grad_norm)
         if not any_rank(loss_bad or norm_bad):
             self.in_a_row = 0
             return True
+        where = f"epoch {epoch}, step {step}"
         if loss_bad:
             what = "the training loss is"
         elif norm_bad:

@@ -104,6 +104,7 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train, list(self.engine.team.buffers()))
         self.grad_norm: float | None = None  # of the last optimizer step
         self.wall_time_before = 0.0  # training time of the runs this one resumes
+        self.started: float | None = None  # when this process started training (perf_counter)
 
     @property
     def is_main(self) -> bool:
@@ -277,8 +278,7 @@ class Trainer:
 
     def elapsed(self) -> float:
         """Seconds this process has trained (0 before fit)."""
-        started = getattr(self, "started", None)
-        return 0.0 if started is None else time.perf_counter() - started
+        return 0.0 if self.started is None else time.perf_counter() - self.started
 
     def existing_results(self) -> dict:
         try:
@@ -325,10 +325,12 @@ class Trainer:
                 running[name] += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) / accum
             if not boundary:
                 continue
-            where = f"epoch {epoch + 1}, step {self.step + 1}"
-            if not self.guard.end_step(self.step + 1, where, self.grad_norm, self.engine.any_rank):
+            if not self.guard.end_step(epoch + 1, self.step + 1, self.grad_norm, self.engine.any_rank):
                 self.log.scalar("train/skipped_steps", self.guard.skipped, self.step + 1)
-                self.say(f"{where}: non-finite loss or gradients: step skipped ({self.guard.skipped} so far, {self.guard.in_a_row} in a row)")
+                self.say(
+                    f"epoch {epoch + 1}, step {self.step + 1}: non-finite loss or gradients: step skipped "
+                    f"({self.guard.skipped} so far, {self.guard.in_a_row} in a row)"
+                )
             self.controller.on_event(Event.AFTER_STEP, self.step)
             if self.controller.edits_weights:
                 self.engine.weights_changed()
