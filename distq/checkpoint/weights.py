@@ -8,14 +8,17 @@ import torch.nn as nn
 from distq.checkpoint.manifest import CheckpointError
 
 
-def load_weights(model: nn.Module, state_dict: dict, source: str, *, allow_missing_quant_state: bool = False) -> None:
+def load_weights(model: nn.Module, state_dict: dict, source: str, *, allow_missing_quant_state: bool = False, optional: frozenset[str] = frozenset()) -> None:
     """Load ``state_dict`` into ``model`` or say exactly why it does not fit.
 
     ``allow_missing_quant_state`` accepts a float state_dict (e.g. torchvision's) that
-    lacks only the quantizers' ``_extra_state`` entries.
+    lacks only the quantizers' ``_extra_state`` entries; ``optional`` names parameters that may
+    be missing too (a quantizer method's own, set at the first step).
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not (allow_missing_quant_state and k.endswith("_extra_state"))]
+    missing = [
+        k for k in own if k not in state_dict and k not in optional and not (allow_missing_quant_state and k.endswith("_extra_state"))
+    ]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [
         f"{k} ({tuple(state_dict[k].shape)} vs {tuple(v.shape)})"
@@ -33,4 +36,4 @@ def load_weights(model: nn.Module, state_dict: dict, source: str, *, allow_missi
         raise CheckpointError(
             f"{source} does not fit this model ({'; '.join(parts)}): use a checkpoint of the same model.arch, width, stem and classes"
         )
-    model.load_state_dict(state_dict, strict=not allow_missing_quant_state)
+    model.load_state_dict(state_dict, strict=not (allow_missing_quant_state or optional))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from distq.config.checks import check_positive
 from distq.quant.functional import check_bits
+from distq.quant.methods import method_class
 
 
 @dataclass(kw_only=True)
@@ -16,16 +17,29 @@ class StudentConfig:
     """The student's weight bit-width (1..8, or 32); null takes quant.w_bits."""
     a_bits: int | None = None
     """The student's activation bit-width (1..8, or 32); null takes quant.a_bits."""
+    method: str | None = None
+    """The student's quantizer method (quant.method's choices; its settings are quant.<method>'s);
+    null takes quant.method. Students of one team may differ."""
     name: str | None = None
-    """Its name in logs, checkpoints and results; null: student_w{w_bits}a{a_bits}."""
+    """Its name in logs, checkpoints and results; null: student_w{w_bits}a{a_bits}, with the method
+    when it is given (student_lsq_w4a4)."""
 
     def __post_init__(self):
         if self.w_bits is not None:
             check_bits(self.w_bits, "guided.students[].w_bits")
         if self.a_bits is not None:
             check_bits(self.a_bits, "guided.students[].a_bits")
+        if self.method is not None:
+            method = method_class(self.method)
+            for key in ("w_bits", "a_bits"):
+                bits = getattr(self, key)
+                if bits is not None and bits < method.min_bits:
+                    raise ValueError(
+                        f"guided.students[].{key}={bits}: method {self.method} is defined for {method.min_bits}..8 bits (or 32)"
+                    )
         if self.name is None and self.w_bits is not None and self.a_bits is not None:
-            self.name = f"student_w{self.w_bits}a{self.a_bits}"
+            tag = f"{self.method}_" if self.method is not None else ""
+            self.name = f"student_{tag}w{self.w_bits}a{self.a_bits}"
 
     def take_default_bits(self, w_bits: int, a_bits: int) -> None:
         """Fill the bits left out with quant's (the students' default), then the name."""

@@ -18,6 +18,7 @@ from distq.config.checks import check_positive
 from distq.config.guided import GuidedConfig, HintConfig, StudentConfig
 from distq.config.precision import PrecisionConfig
 from distq.quant.functional import FULL_PRECISION, check_bits
+from distq.quant.methods import LsqConfig, PactConfig, build_method, method_class, method_keys
 
 __all__ = [
     "DataConfig", "DistConfig", "DistqConfig", "GuidedConfig", "HintConfig", "LogConfig", "ModelConfig",
@@ -80,8 +81,10 @@ class QuantConfig:
     a_bits: int = 32
     """Activation bit-width of quantized layers: 1..8, or 32 for full precision. Guided runs: the
     students' default (guided.students[].a_bits)."""
-    method: Literal["dorefa", "aqe"] = "dorefa"
-    """dorefa: DoReFa quantizers with STE; aqe: the asymptotic-quantized estimator."""
+    method: Literal[method_keys()] = "dorefa"
+    """The quantizer method (docs/methods.md): dorefa (DoReFa, straight-through), aqe (the
+    asymptotic-quantized estimator), lsq (learned step size; 2..8 bits), pact (learned activation
+    clipping with DoReFa weights)."""
     per_channel: bool = False
     """Weight scale per output channel instead of per layer."""
     keep_first_fp: bool = True
@@ -96,9 +99,27 @@ class QuantConfig:
     for fp32 where they are compiled, DISTQ_NATIVE=0 turns them off), auto (Triton for CUDA
     tensors, torch elsewhere). All give the same outputs to the bit."""
 
+    lsq: LsqConfig = field(default_factory=LsqConfig)
+    """LSQ's settings (used when quant.method=lsq)."""
+    pact: PactConfig = field(default_factory=PactConfig)
+    """PACT's settings (used when quant.method=pact)."""
+
     def __post_init__(self):
         check_bits(self.w_bits, "quant.w_bits")
         check_bits(self.a_bits, "quant.a_bits")
+        method = method_class(self.method)
+        for key in ("w_bits", "a_bits"):
+            bits = getattr(self, key)
+            if bits < method.min_bits:
+                raise ValueError(
+                    f"quant.{key}={bits}: quant.method={self.method} is defined for {method.min_bits}..8 bits (or 32); "
+                    f"raise quant.{key} or pick another quant.method"
+                )
+
+    def build_method(self, key: str | None = None):
+        """The quantizer method object ``key`` (default: quant.method) with its settings quant.<key>."""
+        key = key or self.method
+        return build_method(key, getattr(self, key, None))
 
 
 @dataclass(kw_only=True)
@@ -289,6 +310,13 @@ class DistqConfig:
         students = self.guided.students
         for student in students:
             student.take_default_bits(self.quant.w_bits, self.quant.a_bits)
+            method = method_class(student.method or self.quant.method)
+            low = min(student.w_bits, student.a_bits)
+            if low < method.min_bits:
+                raise ValueError(
+                    f"guided student {student.name!r} trains at {low} bits with quant.method={method.key}, which is defined for "
+                    f"{method.min_bits}..8 bits (or 32): give it more bits or another method (guided.students[].method)"
+                )
         self.guided.check_names()
         for kind in ("w_bits", "a_bits"):
             value = getattr(self.quant, kind)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
 from distq.controller.events import Event
@@ -35,9 +36,12 @@ class PrecisionController:
         )
         self.policies = build_policies(cfg, clock, targets)
         self.drives_models = team is not None
+        self.method_edits = []
+        """The students' layers whose quantizer method edits weights after each update (AQE's clip)."""
         if self.drives_models:
             for policy in self.policies:
                 policy.bind(self.students)
+            self.method_edits = [l for s in self.students for _, l in quant_layers(s.model) if l.quantizer.edits_weights]
         self.current = self.precision_at(0)
 
     # --- decisions (pure) -----------------------------------------------------------------
@@ -63,6 +67,10 @@ class PrecisionController:
             self._set_bits(self.current)
         for policy in self.policies:
             policy.on_event(event, step, self.current)
+        if event is Event.AFTER_STEP and self.method_edits:
+            with torch.no_grad():
+                for layer in self.method_edits:
+                    layer.quantizer.after_step(layer)
 
     def _set_bits(self, p: Precision) -> None:
         """Every quantized layer at its student's bits for this step, and quantized (stochastic
@@ -75,8 +83,9 @@ class PrecisionController:
 
     @property
     def edits_weights(self) -> bool:
-        """Whether the policies change the students' weights outside the optimizer (at AFTER_STEP)."""
-        return any(p.edits_weights for p in self.policies)
+        """Whether the policies or the quantizer methods change the students' weights outside the
+        optimizer (at AFTER_STEP)."""
+        return bool(self.method_edits) or any(p.edits_weights for p in self.policies)
 
     # --- the auxiliary branches: modules trained beside the students ----------------------
 

@@ -12,6 +12,7 @@ from distq.config.loader import ConfigError
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.models.convert import quantize_model
 from distq.models.registry import build_float_model, model_names
+from distq.quant.layers import quant_layers
 
 
 def check_arch(arch: str) -> None:
@@ -19,9 +20,11 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"model.arch={arch!r} is unknown: use one of {', '.join(model_names())}")
 
 
-def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int, w_bits: int | None = None, a_bits: int | None = None) -> nn.Module:
-    """The quantized model of the config; ``w_bits``/``a_bits`` override the config's bits
-    (a full-precision guide is the same network at 32 bits)."""
+def build_model(
+    model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int, w_bits: int | None = None, a_bits: int | None = None, method: str | None = None
+) -> nn.Module:
+    """The quantized model of the config; ``w_bits``/``a_bits``/``method`` override the config's
+    (a full-precision guide is the same network at 32 bits; a guided student may pick its method)."""
     check_arch(model_cfg.arch)
     try:
         model = build_float_model(model_cfg.arch, model_cfg.num_classes or num_classes, model_cfg.width, model_cfg.small_input)
@@ -31,7 +34,7 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, num_classes: int
         model,
         quant_cfg.w_bits if w_bits is None else w_bits,
         quant_cfg.a_bits if a_bits is None else a_bits,
-        method=quant_cfg.method,
+        method=quant_cfg.build_method(method),
         per_channel=quant_cfg.per_channel,
         keep_first_fp=quant_cfg.keep_first_fp,
         keep_last_fp=quant_cfg.keep_last_fp,
@@ -62,4 +65,5 @@ def load_float_weights(model: nn.Module, path: str) -> None:
     if isinstance(state, dict) and "models" in state:  # a distq checkpoint: take its first model
         state = next(iter(state["models"].values()))
     weights = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    load_weights(model, weights, f"model.pretrained file {path!r}", allow_missing_quant_state=True)
+    learned = frozenset(f"{name}.{p}" for name, layer in quant_layers(model) for p in layer.quantizer.learnable if hasattr(layer, p))
+    load_weights(model, weights, f"model.pretrained file {path!r}", allow_missing_quant_state=True, optional=learned)

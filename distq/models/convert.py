@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from distq.quant.layers import QAct, QConv2d, QLinear, QuantState
+from distq.quant.layers import QAct, QConv2d, QLinear, QuantState, as_method
+from distq.quant.methods import QuantMethod
 
 
 def _first_and_last(model: nn.Module) -> tuple[str, str]:
@@ -22,7 +23,7 @@ def quantize_model(
     model: nn.Module,
     w_bits: int,
     a_bits: int,
-    method: str = "dorefa",
+    method: str | QuantMethod = "dorefa",
     per_channel: bool = False,
     keep_first_fp: bool = True,
     keep_last_fp: bool = True,
@@ -35,6 +36,7 @@ def quantize_model(
     pooling) stay plain float modules, so the precision controller, which only sees
     quantized layers, can never quantize them by accident.
     """
+    method = as_method(method)  # one object for the whole model
     first_conv, last_linear = _first_and_last(model)
     final_act = model.final_activation_name()
     keep = {

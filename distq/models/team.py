@@ -26,6 +26,8 @@ class Member:
     a_bits: int
     """Target activation bit-width."""
     lr: float
+    method: str | None = None
+    """Its quantizer method; None: quant.method."""
     model: nn.Module | None = None
     """The network; None in a roster (names and bits only)."""
 
@@ -40,7 +42,7 @@ def roster(cfg: DistqConfig) -> list[Member]:
         return [Member(SINGLE, cfg.quant.w_bits, cfg.quant.a_bits, cfg.train.lr)]
     g = cfg.guided
     guide = Member(GUIDE, FULL_PRECISION, FULL_PRECISION, g.guide_lr or cfg.train.lr)
-    return [guide] + [Member(s.name, s.w_bits, s.a_bits, g.student_lr or cfg.train.lr) for s in g.students]
+    return [guide] + [Member(s.name, s.w_bits, s.a_bits, g.student_lr or cfg.train.lr, s.method) for s in g.students]
 
 
 def copy_weights(src: nn.Module, dst: nn.Module) -> None:
@@ -53,7 +55,7 @@ def build_team(cfg: DistqConfig, num_classes: int) -> list[Member]:
     """The roster with its networks built (and the guide's pretrained weights loaded)."""
     team = []
     for member in roster(cfg):
-        model = build_model(cfg.model, cfg.quant, num_classes, w_bits=member.w_bits, a_bits=member.a_bits)
+        model = build_model(cfg.model, cfg.quant, num_classes, w_bits=member.w_bits, a_bits=member.a_bits, method=member.method)
         if member.is_guide and cfg.guided.guide_pretrained:
             load_float_weights(model, cfg.guided.guide_pretrained)
         if not member.is_guide and cfg.guided is not None and cfg.guided.students_from_guide:

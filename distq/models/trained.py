@@ -50,7 +50,7 @@ class TrainedCheckpoint:
         if name not in self.state["models"]:
             raise CheckpointError(f"checkpoint {self.source!r} has no model {name!r}: choose one of {', '.join(self.names)}")
         member = next((m for m in roster(self.cfg) if m.name == name), None)
-        bits = {} if member is None else {"w_bits": member.w_bits, "a_bits": member.a_bits}
+        bits = {} if member is None else {"w_bits": member.w_bits, "a_bits": member.a_bits, "method": member.method}
         model = build_model(self.cfg.model, self.cfg.quant, len(self.classes), **bits)
         # Checkpoints written before the quantizers' state reached the state_dict lack
         # ``_extra_state``; their bit-widths are the config's, which build_model has set.

@@ -5,14 +5,16 @@ never syncs with the GPU) that the precision controller may change between steps
 without rebuilding the model or the optimizer:
 
 - ``bits``: 1..8, or 32 for full precision;
-- ``method``: ``"dorefa"`` (DoReFa/STE quantizers) or ``"aqe"`` (asymptotic estimator);
-- ``alpha``: the AQE mixing factor (ignored by DoReFa);
+- ``quantizer``: the quantizer method (``distq.quant.methods``: DoReFa, AQE, LSQ, PACT), which
+  computes the fake quantization and owns any learnable parameter it registered on the layer
+  (LSQ's steps, PACT's clipping level); ``method`` is its registry key;
+- ``alpha``: the AQE mixing factor (ignored by the other methods);
 - ``quantize``: False runs this layer in full precision for now (stochastic precision)
   without forgetting its bit-width.
 
-That state travels in ``state_dict()`` as each module's ``_extra_state`` entry, so a
-checkpoint restores it; parameter names and shapes are exactly those of ``nn.Conv2d``
-/ ``nn.Linear``.
+That state travels in ``state_dict()`` as each module's ``_extra_state`` entry (the method by
+its key), so a checkpoint restores it; the parameter names and shapes are those of
+``nn.Conv2d`` / ``nn.Linear`` plus the method's own parameters.
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distq.quant.functional import (
-    FULL_PRECISION,
-    act_quant,
-    aqe_quant,
-    check_bits,
-    weight_quant,
-)
+from distq.quant.functional import FULL_PRECISION, check_bits
+from distq.quant.methods import ACT, WEIGHT, QuantMethod, build_method, method_keys
 
-METHODS = ("dorefa", "aqe")
+METHODS = method_keys()
+
+
+def as_method(method: str | QuantMethod) -> QuantMethod:
+    return method if isinstance(method, QuantMethod) else build_method(method)
 
 
 class QuantState:
@@ -43,19 +44,26 @@ class QuantState:
     """
 
     bits: int
-    method: str
+    quantizer: QuantMethod
     alpha: float
     quantize: bool
+    role: str
     kernels: str = "auto"
     """quant.kernels: which implementation of the quantizer runs (not a precision: not saved)."""
 
-    def _init_quant_state(self, bits: int = FULL_PRECISION, method: str = "dorefa", alpha: float = 0.5) -> None:
-        if method not in METHODS:
-            raise ValueError(f"quantizer method {method!r} is unknown: use one of {', '.join(METHODS)}")
+    def _init_quant_state(self, bits: int = FULL_PRECISION, method: str | QuantMethod = "dorefa", alpha: float = 0.5) -> None:
         self.bits = check_bits(bits)
-        self.method = method
+        self.quantizer = as_method(method)
         self.alpha = float(alpha)
         self.quantize = True
+        if self.bits != FULL_PRECISION:  # a layer built at full precision is never quantized
+            self.quantizer.check_bits(self.bits, f"{self.role} bits")
+            self.quantizer.attach(self, self.role)
+
+    @property
+    def method(self) -> str:
+        """The quantizer method's registry key."""
+        return self.quantizer.key
 
     @property
     def effective_bits(self) -> int:
@@ -68,8 +76,12 @@ class QuantState:
         return {"bits": self.bits, "method": self.method, "alpha": self.alpha}
 
     def set_extra_state(self, state: dict) -> None:
+        if state["method"] != self.method:
+            raise ValueError(
+                f"the saved layer uses quantizer method {state['method']!r}, this model {self.method!r}: "
+                "build the model with the saved run's quant.method"
+            )
         self.bits = check_bits(int(state["bits"]))
-        self.method = state["method"]
         self.alpha = float(state["alpha"])
 
     def _quant_repr(self) -> str:
@@ -78,16 +90,18 @@ class QuantState:
 
 class _QWeightMixin(QuantState):
     per_channel: bool
+    role = WEIGHT
     _fixed_weight: torch.Tensor | None = None  # set only inside ``fixed_quantized_weights``
 
     @classmethod
-    def from_float(cls, module: nn.Module, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False):
+    def from_float(cls, module: nn.Module, bits: int = FULL_PRECISION, method: str | QuantMethod = "dorefa", per_channel: bool = False):
         """Turn a float ``nn.Conv2d``/``nn.Linear`` into its quantized class, sharing (not
         copying) its parameters, so names, shapes and initialisation stay torchvision's."""
         q = cls.__new__(cls)
         q.__dict__.update(module.__dict__)
-        q._init_quant_state(bits, method)
+        q._parameters = dict(module._parameters)  # the method may add its own: not into the float module
         q.per_channel = per_channel
+        q._init_quant_state(bits, method)
         return q
 
     def quantized_weight(self) -> torch.Tensor:
@@ -96,18 +110,16 @@ class _QWeightMixin(QuantState):
         bits = self.effective_bits
         if bits == FULL_PRECISION:
             return self.weight
-        if self.method == "aqe":
-            return aqe_quant(self.weight, bits, self.alpha, kernels=self.kernels)
-        return weight_quant(self.weight, bits, self.per_channel, self.kernels)
+        return self.quantizer.weight(self, self.weight, bits)
 
 
 class QConv2d(_QWeightMixin, nn.Conv2d):
     """``nn.Conv2d`` whose weight is quantized on the fly."""
 
-    def __init__(self, *args, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False, **kw):
+    def __init__(self, *args, bits: int = FULL_PRECISION, method: str | QuantMethod = "dorefa", per_channel: bool = False, **kw):
         super().__init__(*args, **kw)
-        self._init_quant_state(bits, method)
         self.per_channel = per_channel
+        self._init_quant_state(bits, method)
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,10 +132,10 @@ class QConv2d(_QWeightMixin, nn.Conv2d):
 class QLinear(_QWeightMixin, nn.Linear):
     """``nn.Linear`` whose weight is quantized on the fly."""
 
-    def __init__(self, *args, bits: int = FULL_PRECISION, method: str = "dorefa", per_channel: bool = False, **kw):
+    def __init__(self, *args, bits: int = FULL_PRECISION, method: str | QuantMethod = "dorefa", per_channel: bool = False, **kw):
         super().__init__(*args, **kw)
-        self._init_quant_state(bits, method)
         self.per_channel = per_channel
+        self._init_quant_state(bits, method)
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,12 +149,14 @@ class QAct(QuantState, nn.Module):
     """The activation of a quantized network, in place of ``nn.ReLU``.
 
     At 32 bits it is a ReLU, so a full-precision model computes exactly what
-    torchvision's does. At k bits (DoReFa) the clamp to [0, 1] replaces the ReLU and the
-    result is quantized to k bits; with AQE the pre-activation goes through the AQE
+    torchvision's does. At k bits the quantizer method replaces the ReLU: DoReFa clamps to
+    [0, 1] and quantizes to k bits, LSQ and PACT clip at a learned level, AQE runs its
     estimator (ternary thresholds computed per sample).
     """
 
-    def __init__(self, bits: int = FULL_PRECISION, method: str = "dorefa"):
+    role = ACT
+
+    def __init__(self, bits: int = FULL_PRECISION, method: str | QuantMethod = "dorefa"):
         super().__init__()
         self._init_quant_state(bits, method)
 
@@ -150,9 +164,7 @@ class QAct(QuantState, nn.Module):
         bits = self.effective_bits
         if bits == FULL_PRECISION:
             return F.relu(x)
-        if self.method == "aqe":
-            return aqe_quant(x, bits, self.alpha, per_sample=True, kernels=self.kernels)
-        return act_quant(x, bits, self.kernels)
+        return self.quantizer.act(self, x, bits)
 
     def extra_repr(self) -> str:
         return self._quant_repr()

@@ -27,6 +27,7 @@ from distq.distributed.engine import gather_objects, join_process_group, use_dev
 from distq.errors import DistqError, SaidByRankZero
 from distq.models.team import build_team, main_model_name
 from distq.progress import Progress
+from distq.quant.calibrate import calibrate, needs_calibration
 from distq.quant.layers import QAct, quant_layers
 from distq.train import run_dir
 from distq.train.checkpointing import Checkpointing, resume_layout
@@ -105,6 +106,8 @@ class Trainer:
         self.grad_norm: float | None = None  # of the last optimizer step
         self.wall_time_before = 0.0  # training time of the runs this one resumes
         self.started: float | None = None  # when this process started training (perf_counter)
+        self.calibrate_first_batch = self.found is None and needs_calibration(self.models.values())
+        """A fresh run whose quantizers learn parameters (LSQ's steps) sets them from its first batch."""
 
     @property
     def is_main(self) -> bool:
@@ -318,6 +321,8 @@ class Trainer:
                 self.controller.on_event(Event.BATCH_START, self.step)
                 self.guard.start_step()
             self.samples.write(epoch, self.step, indices)
+            if self.calibrate_first_batch:
+                self.calibrate(images)
             boundary = (i + 1) % accum == 0
             images = self.faults.batch(images, self.step)
             losses = self.train_step(images, labels, boundary)
@@ -360,6 +365,13 @@ class Trainer:
         # The epoch's last step read its loss (.item() above), so the device has finished it.
         images = (self.step - started_at) * self.layout.global_batch
         self.speed = images / max(time.perf_counter() - started, 1e-9)
+
+    def calibrate(self, images: torch.Tensor) -> None:
+        images = images.to(self.engine.device, memory_format=self.engine.memory_format)
+        count = calibrate(self.models.values(), images, self.engine.all_reduce_sum)
+        self.engine.weights_changed()
+        self.calibrate_first_batch = False
+        self.say(f"quantizer parameters of {count} layers initialised from the first training batch")
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, boundary: bool = True) -> dict[str, torch.Tensor]:
         """Forward and backward of every model on the same micro-batch; the optimizer steps

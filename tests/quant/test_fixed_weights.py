@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import distq.quant.layers as layers
+import distq.quant.methods.dorefa as layers  # where the DoReFa method calls the weight quantizer
 from distq.models import build_float_model, quantize_model
 from distq.quant.layers import QConv2d, QLinear, fixed_quantized_weights
 

@@ -95,7 +95,7 @@ def test_constructor_validates():
     with pytest.raises(ValueError, match="valid bit-width"):
         make_conv(bits=0)
     with pytest.raises(ValueError, match="unknown"):
-        make_linear(bits=4, method="lsq")
+        make_linear(bits=4, method="nope")
     with pytest.raises(ValueError, match="valid bit-width"):
         QAct(bits=16)
 
@@ -155,8 +155,10 @@ def test_state_dict_round_trip_restores_precision(build):
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
 
-    loaded = build(bits=32, method="dorefa")
-    assert (loaded.bits, loaded.method, loaded.alpha) == (32, "dorefa", 0.5)
+    with pytest.raises(ValueError, match="saved layer uses quantizer method 'aqe', this model 'dorefa'"):
+        build(bits=32, method="dorefa").load_state_dict(state)
+    loaded = build(bits=32, method="aqe")
+    assert (loaded.bits, loaded.method, loaded.alpha) == (32, "aqe", 0.5)
     loaded.load_state_dict(state)
     assert (loaded.bits, loaded.method, loaded.alpha) == (3, "aqe", 0.75)
     for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items()):

@@ -1,52 +1,36 @@
-"""The AQE estimator's training-time part (docs/methods.md, "AQE"): its mixing factor alpha rises
-from alpha0 to 1 (when ``precision.aqe`` is given), and the latent weights of AQE layers are kept
-in [-1, 1] after every update (whenever ``quant.method`` is aqe)."""
+"""The AQE estimator's mixing factor alpha (docs/methods.md, "AQE"): it rises from alpha0 to 1
+when ``precision.aqe`` is given. (The clip of AQE's latent weights after every update is the
+method's own: ``distq.quant.methods.aqe``.)"""
 
 from __future__ import annotations
-
-import torch
 
 from distq.config import ConfigError
 from distq.controller import schedules
 from distq.controller.policies.base import Policy, Targets
 from distq.controller.precision import Precision
 from distq.controller.timeline import Clock
-from distq.quant.layers import QConv2d, QLinear, quant_layers
+from distq.quant.layers import quant_layers
+from distq.quant.methods import method_class
 
 
 class Aqe(Policy):
     key = "aqe"
-    edits_weights = True  # the clip after every step
-
-    @classmethod
-    def configured(cls, cfg) -> bool:
-        return cfg.precision.aqe is not None or cfg.quant.method == "aqe"
 
     def __init__(self, cfg, clock: Clock, targets: Targets):
         super().__init__(cfg, clock, targets)
         schedule = cfg.precision.aqe
-        if schedule is not None and cfg.quant.method != "aqe":
+        if not method_class(cfg.quant.method).mixes_alpha:
             raise ConfigError(f"precision.aqe schedules AQE's alpha but quant.method={cfg.quant.method!r}: set quant.method=aqe")
-        self.alpha0 = schedule.alpha0 if schedule else None
-        self.end = clock.steps(schedule.end, "precision.aqe.end") if schedule else None
+        self.alpha0 = schedule.alpha0
+        self.end = clock.steps(schedule.end, "precision.aqe.end")
 
     def contribute(self, step: int, p: Precision) -> None:
-        if self.alpha0 is not None:
-            p.alpha = schedules.aqe_alpha(step, self.alpha0, self.end)
+        p.alpha = schedules.aqe_alpha(step, self.alpha0, self.end)
 
     def on_batch_start(self, step: int, p: Precision) -> None:
-        if p.alpha is None:
-            return
         for student in self.students:
             for _, layer in quant_layers(student.model):
                 layer.alpha = p.alpha
 
-    def on_after_step(self, step: int, p: Precision) -> None:
-        with torch.no_grad():
-            for student in self.students:
-                for _, layer in quant_layers(student.model):
-                    if isinstance(layer, (QConv2d, QLinear)) and layer.method == "aqe":
-                        layer.weight.clamp_(-1.0, 1.0)
-
     def scalars(self, p: Precision) -> dict[str, float]:
-        return {} if p.alpha is None else {"aqe/alpha": p.alpha}
+        return {"aqe/alpha": p.alpha}
