@@ -69,6 +69,8 @@ class Method:
     """finetune protocol: the keys that receive the full-precision run directory."""
     multistep: bool = True
     """finetune protocol: the recipe decays the learning rate at FINETUNE_MILESTONES."""
+    only_bits: tuple[int, ...] | None = None
+    """The bit-widths the method is defined for, of the protocol's (None: all of them)."""
 
 
 def _bits(k: int) -> list[str]:
@@ -126,6 +128,30 @@ FINETUNE_METHODS = [
     Method("aqe", "AQE (AdamW)", "digits_resnet18_w1a2_aqe_finetune.yaml", _bits, multistep=False),
 ]
 
+LSQ = "quant.method=lsq"
+QUANTIZER_METHODS = [
+    *(m for m in FINETUNE_METHODS if m.key in ("fp", "direct")),
+    Method("lsq", "LSQ (learned step size)", "digits_resnet18_w4a4_lsq_finetune.yaml", _bits, only_bits=(4, 2)),
+    Method("pact", "PACT (learned clipping)", "digits_resnet18_w4a4_pact_finetune.yaml", _bits),
+    Method("pq_lsq", "progressive (PQ) with LSQ", "digits_resnet18_w2a2_progressive_finetune.yaml",
+           lambda k: _progressive_finetune(k) + [LSQ], only_bits=(4, 2)),
+    Method("guided_lsq", "guided, LSQ student", "digits_resnet18_w4a4_guided_finetune.yaml",
+           lambda k: _bits(k) + [f"guided.students=[{{w_bits: {k}, a_bits: {k}, method: lsq, name: student}}]"],
+           pretrained_keys=("model.pretrained", "guided.guide_pretrained"), only_bits=(4, 2)),
+]
+"""The learned-scale quantizers beside direct DoReFa fine-tuning, and the staged methods run with LSQ."""
+
+QUANTIZER_SETTINGS = (
+    " In this study: LSQ (`quant.method=lsq`) learns one step per layer and activation, started at the paper's "
+    "2 mean|v| / sqrt(Q_P) from the weights and the first training batch, gradient scale 1 / sqrt(N Q_P), no weight "
+    "decay on the steps; LSQ is defined for 2..8 bits, so it has no W1A1 cells. PACT (`quant.method=pact`) learns one "
+    "clipping level per activation from the paper's 10, with its L2 penalty 2e-4 as weight decay, and DoReFa weights. "
+    "PQ with LSQ is the PQ recipe (8 -> 4, 8 -> 4 -> 2) with quant.method=lsq: each layer's step is learned at the "
+    "target bits and rescaled by sqrt(Q_P(target) / Q_P(b)) while the layer runs at b bits. Guided with LSQ: the FP "
+    "guide and an LSQ student (guided.students[].method=lsq). The direct and full-precision rows are the DoReFa "
+    "fine-tuning study's own runs (the same commands, reused)."
+)
+
 PAPER_RESULTS = {
     "direct": "the baseline each paper improves on",
     "ts": "*Towards Effective Low-bitwidth Convolutional Neural Networks* (arXiv:1711.00205): with PQ and guided "
@@ -142,6 +168,13 @@ PAPER_RESULTS = {
               "(arXiv:2206.12794): binarized ResNet-18 on ImageNet +5.80 top-1 / +6.85 top-5 over its baseline (abstract)",
     "aqe": "*Propagating Asymptotic-Estimated Gradients for Low Bitwidth Quantized Neural Networks* (arXiv:2003.04296): "
            "ResNet-18 on ImageNet, top-1 error W1A2 42.16, W1A1 47.87 (XNOR-Net 48.80), full precision 30.46",
+    # Recalled from the papers' ImageNet tables; this machine cannot reach the papers to re-read them.
+    "lsq": "*Learned Step Size Quantization* (arXiv:1902.08153), Table 1, ResNet-18 top-1: W2A2 67.6, W3A3 70.2, "
+           "W4A4 71.1, full precision 70.5 (fine-tuned from the FP model, 90 epochs)",
+    "pact": "*PACT: Parameterized Clipping Activation for Quantized Neural Networks* (arXiv:1805.06085), ResNet-18 "
+            "top-1: W2A2 64.4, W3A3 68.1, W4A4 69.2, full precision 70.2",
+    "pq_lsq": "no paper combines them: PQ's schedule (arXiv:1711.00205) with LSQ as its quantizer",
+    "guided_lsq": "no paper combines them: guided training (arXiv:1711.00205) with an LSQ student",
 }
 """Each paper's own claim for its method, for the finetune table (the papers train on ImageNet)."""
 
@@ -153,11 +186,17 @@ class Protocol:
     methods: list[Method]
     section: str
     runs_dir: str
+    finetunes: bool = False
+    """Every run but the full-precision one starts from its seed's full-precision run."""
 
+
+QUANTIZERS_SECTION = "## Method study: learned-scale quantizers (LSQ, PACT), fine-tuning from full precision"
 
 PROTOCOLS = {
     "scratch": Protocol("scratch", BITS, METHODS, SECTION, "study"),
-    "finetune": Protocol("finetune", FINETUNE_BITS, FINETUNE_METHODS, FINETUNE_SECTION, "study_finetune"),
+    "finetune": Protocol("finetune", FINETUNE_BITS, FINETUNE_METHODS, FINETUNE_SECTION, "study_finetune", True),
+    # The finetune protocol's runs, other methods: same runs directory, so fp and direct are shared.
+    "quantizers": Protocol("quantizers", FINETUNE_BITS, QUANTIZER_METHODS, QUANTIZERS_SECTION, "study_finetune", True),
 }
 
 
@@ -182,7 +221,7 @@ class Run:
         return run_dir.with_name(f"fp_seed{self.seed}")
 
     def command(self, args, run_dir: Path) -> list[str]:
-        finetune = getattr(args, "protocol", "scratch") == "finetune" and self.method.uses_bits
+        finetune = PROTOCOLS[getattr(args, "protocol", "scratch")].finetunes and self.method.uses_bits
         epochs = args.finetune_epochs if finetune else args.epochs
         overrides = [
             f"seed={self.seed}", f"train.epochs={epochs}", f"model.width={args.width}",
@@ -205,7 +244,7 @@ def plan_runs(args) -> list[Run]:
     runs = []
     for seed in range(args.seeds):
         for method in selected:
-            for bits in (protocol.bits if method.uses_bits else (None,)):
+            for bits in (tuple(b for b in protocol.bits if b in (method.only_bits or protocol.bits)) if method.uses_bits else (None,)):
                 runs.append(Run(method, bits, seed))
     return runs
 
@@ -367,8 +406,8 @@ def study_command(args) -> str:
     """The command line that reproduces the study (every option that sets a number)."""
     protocol = getattr(args, "protocol", "scratch")
     options = [("seeds", args.seeds), ("epochs", args.epochs)]
-    if protocol == "finetune":
-        options = [("protocol", "finetune"), *options, ("finetune-epochs", args.finetune_epochs)]
+    if PROTOCOLS[protocol].finetunes:
+        options = [("protocol", protocol), *options, ("finetune-epochs", args.finetune_epochs)]
     options += [("width", args.width), ("threads", args.threads)]
     command = "python benchmarks/study.py " + " ".join(f"--{k} {v}" for k, v in options)
     if set(args.methods) != {m.key for m in PROTOCOLS[protocol].methods}:
@@ -466,7 +505,7 @@ def claims(table: dict, methods: list[Method], bits_list: tuple[int, ...]) -> li
 
 
 def finetune_report(args, runs: list[Run], results: list[dict], started: datetime, elapsed: float, load: tuple) -> str:
-    protocol = PROTOCOLS["finetune"]
+    protocol = PROTOCOLS[args.protocol]
     bits_list = protocol.bits
     methods = [m for m in protocol.methods if m.key in args.methods]
     table = summarise(runs, results, bits_list)
@@ -525,7 +564,8 @@ def finetune_report(args, runs: list[Run], results: list[dict], started: datetim
         "parts; SP ramps p from 0.5 to 1 over 0.8; guided: guide (lr 1e-3) and student (lr 5e-3) both from the FP model, "
         "the student's accuracy reported, the time covering both; the aux branch decays (cosine) to 0 at 0.5; cyclic "
         "goes 4 -> 3 -> 2 (-> 1) weight bits, one cycle of 0.067 fp + 0.133 lp per depth; AQE uses AdamW at lr 1e-3 "
-        "(its ImageNet recipe's; AdamW's step does not scale with the gradient as SGD's does) with a cosine schedule and alpha 0.5 -> 1 at 0.9.",
+        "(its ImageNet recipe's; AdamW's step does not scale with the gradient as SGD's does) with a cosine schedule and alpha 0.5 -> 1 at 0.9."
+        + (QUANTIZER_SETTINGS if protocol.name == "quantizers" else ""),
         "",
         *rows,
         "",
@@ -575,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in args.methods if k not in known]
     if unknown:
         parser.error(f"--methods {' '.join(unknown)}: not in the {args.protocol} protocol (use {', '.join(known)})")
-    if args.protocol == "finetune":
+    if protocol.finetunes:
         if args.finetune_epochs < 4:
             parser.error("--finetune-epochs must be at least 4 (the learning rate decays at 1/2 and 5/6 of the run)")
         if "fp" not in args.methods:
@@ -594,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(runs)}] {run.name}: {status}  {result['wall_s']:.0f}s{cached}  "
               f"(elapsed {(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     elapsed = time.perf_counter() - start
-    write_report = finetune_report if args.protocol == "finetune" else report
+    write_report = finetune_report if protocol.finetunes else report
     text = write_report(args, runs, results, started, elapsed, (load_before, os.getloadavg()[0]))
     (runs_dir / "study.md").write_text(text)
     partial = set(args.methods) != set(known)

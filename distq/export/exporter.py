@@ -3,8 +3,10 @@
 One record per module that carries state or quantizes, in module order (the header's
 ``layers``):
 
-- quantized conv/linear (``weight_bits`` < 32): the weight as bit-plane-packed codes
-  (``distq.export.codes``), its ``weight_scale``, and the affine ``out_scale``/``out_shift``
+- quantized conv/linear (``weight_bits`` < 32): its quantizer ``method`` (the registry key),
+  ``per_channel``, the weight as bit-plane-packed k-bit codes and its ``weight_scale`` (the
+  method's ``weight_codes``: what each code stands for is the method's, see
+  ``distq.quant.methods``), and the affine ``out_scale``/``out_shift``
   that the layer's bias and the batch-norm after it fold into, so that
   ``output = conv(x, weight) * out_scale + out_shift`` per output channel. The integer
   accumulator of the engine meets floats only there, so the scales are float64.
@@ -13,7 +15,8 @@ One record per module that carries state or quantizes, in module order (the head
   the affine rather than the weight keeps the weight exact: w * g rounds in float32.)
 - batch-norm: ``folded_into`` its conv, or (where nothing precedes it to fold into) its
   float parameters.
-- activation: ``bits`` and ``method`` of the QAct (32 for a plain ReLU).
+- activation: ``bits`` and ``method`` of the QAct (32 for a plain ReLU), and what the method
+  needs to rebuild it (its ``act_record``: LSQ's step ``scale``, PACT's clipping level ``alpha``).
 
 Pooling, dropout, residual adds and the wiring come from the architecture itself, which
 the engine rebuilds from the header's model config.
@@ -28,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distq.export.codes import aqe_weight_codes, dorefa_weight_codes
 from distq.export.format import ExportError, ExportFile, pack_planes, write_export
 from distq.quant.functional import FULL_PRECISION
 from distq.quant.layers import QAct, QuantState
@@ -56,8 +58,13 @@ class ExportSummary:
     """Full-precision layers (weights, biases, unfolded batch-norm)."""
     model_float32_bytes: int = 0
     """The model's parameters as float32: what a float export would take."""
-    aqe_soft_layers: int = 0
-    """AQE layers whose alpha is below 1: the export keeps only their hard quantizer."""
+    warnings: dict[str, int] = dataclasses.field(default_factory=dict)
+    """{a method's ``export_warning``: how many layers it applies to} (e.g. AQE layers whose
+    alpha is below 1: the export keeps only their hard quantizer)."""
+
+    @property
+    def warned_layers(self) -> int:
+        return sum(self.warnings.values())
 
     @property
     def ratio(self) -> float:
@@ -76,15 +83,7 @@ class ExportSummary:
             f"ratio {self.ratio:.4f} (bits/32 = {self.ideal_ratio:.4f}, overhead x{self.ratio / max(self.ideal_ratio, 1e-12):.4f})",
             f"scales and folded batch-norm of quantized layers: {self.side_bytes:,} bytes; "
             f"full-precision layers: {self.float_bytes:,} bytes",
-        ] + (
-            [
-                f"warning: {self.aqe_soft_layers} AQE layers end training with alpha < 1; the export (like any inference) "
-                "uses only the hard quantizer, which this model was not trained to end at: train with an AQE alpha "
-                "schedule (precision.aqe) so that alpha reaches 1"
-            ]
-            if self.aqe_soft_layers
-            else []
-        )
+        ] + [f"warning: {count} {text}" for text, count in self.warnings.items()]
 
 
 # --- from a checkpoint ----------------------------------------------------------------------
@@ -169,6 +168,8 @@ def export_model(model: nn.Module, header: dict) -> tuple[ExportFile, ExportSumm
                 summary.float_bytes += sum(t.numel() * t.element_size() for t in new.values())
         elif isinstance(module, QAct):
             record, new = {"op": "act", "bits": module.bits, "method": module.method}, {}
+            if module.bits != FULL_PRECISION:
+                record.update(module.quantizer.act_record(module))
         elif isinstance(module, nn.ReLU):
             record, new = {"op": "act", "bits": FULL_PRECISION, "method": "relu"}, {}
         elif isinstance(module, _STATELESS) or not any(True for _ in module.parameters(recurse=False)):
@@ -177,8 +178,9 @@ def export_model(model: nn.Module, header: dict) -> tuple[ExportFile, ExportSumm
             raise ExportError(
                 f"cannot export module {name!r} of type {type(module).__name__}: the integer engine has no equivalent"
             )
-        if isinstance(module, QuantState) and module.method == "aqe" and module.bits != FULL_PRECISION and module.alpha < 1:
-            summary.aqe_soft_layers += 1
+        warning = module.quantizer.export_warning(module) if isinstance(module, QuantState) and module.bits != FULL_PRECISION else None
+        if warning is not None:
+            summary.warnings[warning] = summary.warnings.get(warning, 0) + 1
         layers[name] = record
         tensors.update(new)
     return ExportFile(header={**header, "layers": layers}, tensors=tensors), summary
@@ -278,17 +280,13 @@ def _weight_layer(name: str, module: nn.Module, bn: nn.BatchNorm2d | None, bn_na
         tensors = {names["weight"]: module.weight.detach().float(), names["out_scale"]: g, names["out_shift"]: bias * g + h}
         record.update(weight_bits=FULL_PRECISION, tensors=names)
         return record, tensors
-    weight = module.weight.detach()
-    if module.method == "aqe":
-        codes, scale = aqe_weight_codes(weight, bits)
-    else:
-        codes, scale = dorefa_weight_codes(weight, bits, module.per_channel)
+    codes = module.quantizer.weight_codes(module)
     names = {k: f"{name}.{k}" for k in ("weight_codes", "weight_scale", "out_scale", "out_shift")}
     # Scales in float64: the integer accumulator is exact, so the affine is the only
     # rounding between it and the next quantizer (1/3 in float32 is off by 3e-8).
     tensors = {
-        names["weight_codes"]: pack_planes(codes, bits),
-        names["weight_scale"]: scale.double(),
+        names["weight_codes"]: pack_planes(codes.codes, bits),
+        names["weight_scale"]: codes.scale.double(),
         names["out_scale"]: g,
         names["out_shift"]: bias * g + h,
     }

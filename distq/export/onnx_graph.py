@@ -9,7 +9,8 @@ QuantizeLinear / Clip / DequantizeLinear; ``distq.export.qonnx``: QONNX ``Quant`
 ``BipolarQuant``); this module hands it integers and scales (``distq.export.onnx_quant``).
 
 A batch-norm whose input is a conv that feeds nothing else is folded into that conv (its
-scale into the weight's scale, its shift into the bias) unless ``fold_bn`` is off; the
+scale into the weight's scale, its shift into the bias) unless ``fold_bn`` is off, or its
+negative factors cannot go into the weight's integers (``onnx_quant.fold_batchnorm``); the
 full-precision first conv and last linear keep float32 weights. The batch dimension is
 dynamic, the image size is the one the model was trained at.
 """
@@ -229,7 +230,11 @@ class _Walk:
             return self.graph.constant(f"{name}.weight", float_tensor(weight)), bias * g + h
         quant = quantized_weight(name, module)
         if bn is not None:
-            quant = fold_batchnorm(quant, g)
+            folded = fold_batchnorm(quant, g)
+            if folded is None:  # a sign would leave the weight's range: the batch-norm stays a node
+                self.folded = {n for n in self.folded if self.modules[n.target] is not bn}
+                return self.writer.weight(self.graph, name, quant), bias
+            quant = folded
         return self.writer.weight(self.graph, name, quant), bias * g + h
 
     def batchnorm(self, name: str, bn: nn.BatchNorm2d, x: str) -> str:

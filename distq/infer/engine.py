@@ -6,6 +6,11 @@ module the header describes is swapped for its engine counterpart:
 
     quantized conv/linear  -> BitConv2d / BitLinear (packed integer weights, bit kernels)
     QAct                   -> IntAct (integer activations)
+
+Each record names its quantizer method (``record["method"]``); the method object
+(``distq.quant.methods.build_method``) says what the codes and activations mean: the weight
+integers of the file's codes (``integers``), how to pack them (``offset_bits``), the activation
+from its record (``int_activation``, with the record's ``act_record`` entries).
     full-precision layer   -> FloatLayer (float conv/linear, bias and batch-norm as its affine)
     folded batch-norm      -> nn.Identity
     max-pool               -> CodedMaxPool2d (keeps integer activations integer)
@@ -27,12 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distq.export.codes import weight_integers
 from distq.export.format import ExportError, ExportFile, read_export, unpack_planes
 from distq.infer.fusion import fuse_conv_activations
 from distq.infer.layers import BitConv2d, BitLinear, ChannelAffine, CodedMaxPool2d, FloatLayer, IntAct
 from distq.infer.native import describe, use_native
 from distq.quant.functional import FULL_PRECISION, VALID_BITS
+from distq.quant.methods import build_method
 
 
 class IntegerModel(nn.Module):
@@ -120,7 +125,7 @@ def _engine_module(name: str, record: dict, original: nn.Module, export: ExportF
         bits = int(record["bits"])
         if bits not in VALID_BITS:
             raise ExportError(f"{what} is corrupt: layer {name!r} has activation bits {bits}")
-        return nn.ReLU() if bits == FULL_PRECISION else IntAct(bits, record["method"], native)
+        return nn.ReLU() if bits == FULL_PRECISION else IntAct(bits, build_method(record["method"]), record, native)
     if op == "batchnorm":
         if record["folded_into"] is not None:
             return nn.Identity()
@@ -138,12 +143,14 @@ def _engine_module(name: str, record: dict, original: nn.Module, export: ExportF
         return FloatLayer(original, *(export.tensor(tensors[k]) for k in ("weight", "out_scale", "out_shift")), dtype, native)
     if bits not in VALID_BITS:
         raise ExportError(f"{what} is corrupt: layer {name!r} has weight bits {bits}")
+    method = build_method(record["method"])
+    if bits > method.max_engine_bits():
+        raise ExportError(f"the integer engine runs {method} weights of 1..{method.max_engine_bits()} bits, not {bits} (layer {name!r})")
     codes = unpack_planes(export.tensor(tensors["weight_codes"]), bits, shape)
-    ints = weight_integers(codes, bits, record["method"])
     args = (
-        ints,
+        method.integers(codes, bits),
         bits,
-        record["method"],
+        method.offset_bits(bits),
         export.tensor(tensors["weight_scale"]),
         export.tensor(tensors["out_scale"]),
         export.tensor(tensors["out_shift"]),

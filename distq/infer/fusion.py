@@ -1,5 +1,7 @@
-"""Fuse a conv with what follows it up to the next DoReFa activation: the native conv then
-writes the activation's integers and values directly, and its float output never exists.
+"""Fuse a conv with what follows it up to the next activation of the form
+round(clamp(x, 0, 1) * L) / L (one whose method has ``unit_levels``, DoReFa's): the native
+conv then writes the activation's integers and values directly, and its float output never
+exists. Other activations (AQE, LSQ, PACT) run as their own ``IntAct``.
 
 Two patterns; in a ResNet:
 
@@ -46,7 +48,7 @@ class _EngineTracer(fx.Tracer):
 
 
 def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, ...]]]:
-    """Fuse every safe (native conv, DoReFa IntAct[, max-pool]) chain of ``net``; returns the
+    """Fuse every safe (native conv, unit-level IntAct[, max-pool]) chain of ``net``; returns the
     network to run (a GraphModule of it, or ``net`` itself where fx cannot trace it) and the
     fused chains of module names, the last one being the module whose output the fused call gives."""
     try:
@@ -77,7 +79,7 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, ..
 
     chains = []
     for act in list(graph.nodes):
-        if not called_once(act, IntAct) or modules[act.target].method != "dorefa":
+        if not called_once(act, IntAct) or modules[act.target].unit_levels is None:
             continue
         source = act.args[0]
         conv = native_conv_feeding(source)
@@ -93,7 +95,7 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, ..
                 conv = None
         if conv is None:
             continue
-        chain, bits, pool = (conv.target, act.target), modules[act.target].bits, None
+        chain, pool = (conv.target, act.target), None
         after = next(iter(act.users)) if len(act.users) == 1 else None
         if isinstance(modules[conv.target], FloatLayer) and called_once(after, CodedMaxPool2d) and modules[after.target].native:
             pool = modules[after.target].native_geometry()
@@ -104,9 +106,9 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, ..
                 act.replace_all_uses_with(act.args[0])
                 graph.erase_node(act)
         if pool is not None:
-            modules[conv.target].fuse_activation(bits, pool)
+            modules[conv.target].fuse_activation(modules[act.target], pool)
         else:
-            modules[conv.target].fuse_activation(bits)
+            modules[conv.target].fuse_activation(modules[act.target])
         modules[act.target].computed_by = conv.target
         chains.append(chain)
     for node in list(graph.nodes):  # folded batch-norms: no call at all

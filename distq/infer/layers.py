@@ -2,8 +2,10 @@
 
 A quantized activation travels as a ``CodedActivation``: a float tensor (its exact value,
 which residual adds, pooling and float layers use as is) carrying the integers behind it
-(``ints``, with ``value = ints * scale``) and how those integers split into bit planes
-(``code``). A ``BitConv2d``/``BitLinear`` that receives one computes its integer dot
+(``ints``, with ``value = ints * scale``), how those integers split into bit planes
+(``code``), and the quantizer's map back from integers to values (``value_of``). What an
+activation's integers are is its quantizer method's business (``QuantMethod.int_activation``,
+``distq.quant.methods``); these layers only carry them. A ``BitConv2d``/``BitLinear`` that receives one computes its integer dot
 products with ``distq.infer.bitops`` and meets floats only once, in the per-channel affine
 that holds the activation scale, the weight scale and the folded batch-norm::
 
@@ -20,11 +22,12 @@ GEMM's output) when ``native`` is set, else the torch reference kernels of
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distq.export.codes import aqe_exponent, levels
 from distq.export.format import ExportError
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot_chunks, pack_weight
 from distq.infer.native.ops import (
@@ -34,68 +37,64 @@ from distq.infer.native.ops import (
     max_pool_codes,
     quantize_unit,
 )
-from distq.quant.functional import aqe_hard
-
-MAX_AQE_BITS = 5
-"""AQE n bits has levels down to 2^-(2^(n-1)-2); past 5 bits its integers outgrow int64 sums."""
+from distq.quant.methods import QuantMethod, build_method
 
 
 class CodedActivation(torch.Tensor):
     """A quantized activation's float value with its integers attached (``ints``, ``code``,
-    ``scale``). Any torch op on it returns a plain tensor, so the integers can never go
-    stale: only the engine's layers read them, straight from a QAct's output."""
+    ``scale``, ``value_of``). Any torch op on it returns a plain tensor, so the integers can
+    never go stale: only the engine's layers read them, straight from a QAct's output."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
     ints: torch.Tensor
     code: PlaneCode
     scale: float
+    value_of: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None
+    """``value_of(ints, dtype)``: the values of integers, computed as the activation computed
+    them (the producing ``IntAct.int_values``); None where unknown."""
 
 
-def coded(values: torch.Tensor, ints: torch.Tensor, code: PlaneCode, scale: float) -> CodedActivation:
+def coded(values: torch.Tensor, ints: torch.Tensor, code: PlaneCode, scale: float, value_of=None) -> CodedActivation:
     out = values.as_subclass(CodedActivation)
-    out.ints, out.code, out.scale = ints, code, scale
+    out.ints, out.code, out.scale, out.value_of = ints, code, scale, value_of
     return out
 
 
-def dorefa_values(ints: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The values of DoReFa activation integers, ints / (2^bits - 1), as ``quantize_unit`` has them."""
-    return ints.to(dtype) / levels(bits)
-
-
 class IntAct(nn.Module):
-    """The QAct of an exported model, producing integers.
+    """The QAct of an exported model, producing integers: its quantizer method's
+    ``int_activation`` from the header ``record`` (DoReFa k bits: round(clamp(x, 0, 1) * (2^k - 1)),
+    the expression of ``distq.quant.functional.quantize_unit``; AQE: the hard quantizer h,
+    per-sample ternary threshold as in QAct, times 2^P; LSQ: round(x / s) in [0, 2^k - 1];
+    PACT: round(min(relu(x), alpha) * L / alpha)).
 
-    DoReFa k bits: ints = round(clamp(x, 0, 1) * (2^k - 1)), the expression of
-    ``distq.quant.functional.quantize_unit``. AQE: the hard quantizer h itself
-    (``aqe_hard``, per-sample ternary threshold as in QAct), times 2^P.
-    """
+    With ``native``, an activation of the form round(clamp(x, 0, 1) * L) / L (the method's
+    ``unit_levels``) runs the native ``quantize_unit``: the same expression in one pass."""
 
-    def __init__(self, bits: int, method: str, native: bool = False):
+    def __init__(self, bits: int, method: QuantMethod | str, record: dict | None = None, native: bool = False):
         super().__init__()
-        if method == "aqe" and bits > MAX_AQE_BITS:
-            raise ExportError(f"the integer engine runs AQE activations of 1..{MAX_AQE_BITS} bits, not {bits}")
-        self.bits, self.method, self.native = bits, method, native
+        method = method if isinstance(method, QuantMethod) else build_method(method)
+        if bits > method.max_engine_bits():
+            raise ExportError(f"the integer engine runs {method} activations of 1..{method.max_engine_bits()} bits, not {bits}")
+        self.bits, self.method, self.record, self.native = bits, method, dict(record or {}), native
+        self.unit_levels = method.unit_levels(bits)
+        """L where the activation is round(clamp(x, 0, 1) * L) / L (natively fusable), else None."""
         self.computed_by: str | None = None
         """The conv whose native output is already this activation (``distq.infer.fusion``)."""
+
+    def int_values(self, ints: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The values of this activation's integers, as ``forward`` computes them."""
+        return self.method.int_values(ints, self.bits, self.record, dtype)
 
     def forward(self, x: torch.Tensor) -> CodedActivation:
         if self.computed_by is not None and isinstance(x, CodedActivation):
             return x
         x = x.as_subclass(torch.Tensor)
-        if self.method == "dorefa":
-            n = levels(self.bits)
-            if self.native:  # the same expression in one pass instead of six
-                ints, values = quantize_unit(x, n)
-            else:
-                ints = torch.round(x.clamp(0, 1) * n).to(torch.uint8)
-                values = dorefa_values(ints, self.bits, x.dtype)
-            return coded(values, ints, PlaneCode("unsigned", self.bits), 1.0 / n)
-        hard = aqe_hard(x, self.bits, tuple(range(1, x.dim())))
-        p = aqe_exponent(self.bits)
-        # int8 while the two's complement code fits a byte: the fast byte-parallel packing.
-        ints = torch.round(hard * 2.0**p).to(torch.int8 if p + 2 <= 8 else torch.int16)
-        code = PlaneCode("sign", 1) if self.bits == 1 else PlaneCode("twos", p + 2)
-        return coded(hard, ints, code, 2.0**-p)
+        if self.native and self.unit_levels is not None:
+            n = self.unit_levels
+            ints, values = quantize_unit(x, n)
+            return coded(values, ints, PlaneCode("unsigned", self.bits), 1.0 / n, self.int_values)
+        act = self.method.int_activation(x, self.bits, self.record)
+        return coded(act.values, act.ints, PlaneCode(*act.planes), act.scale, self.int_values)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, method={self.method}"
@@ -105,18 +104,18 @@ class _BitLayer(nn.Module):
     """Shared by BitConv2d and BitLinear: packed weights, the affine, the two input paths."""
 
     def __init__(
-        self, ints: torch.Tensor, bits, method, weight_scale, out_scale, out_shift, dtype, native=False, conv_geometry=()
+        self, ints: torch.Tensor, bits, offset_bits, weight_scale, out_scale, out_shift, dtype, native=False, conv_geometry=()
     ):
-        """``native``: also pack the weight for the native kernels and run them on integer
-        inputs; ``conv_geometry``: (kernel, stride, padding) of a conv (a linear is a 1x1 conv
-        over a 1x1 image whose channels are its in-features)."""
+        """``ints``: the weight's integers (the method's ``integers`` of the file's codes);
+        ``offset_bits``: the method's ``offset_bits(bits)``: k when they are 2q - (2^k - 1)
+        (DoReFa, +-1 weights: q is packed and the constant added), None to pack them as two's
+        complement (AQE n >= 2, LSQ). ``native``: also pack the weight for the native kernels and
+        run them on integer inputs; ``conv_geometry``: (kernel, stride, padding) of a conv (a
+        linear is a 1x1 conv over a 1x1 image whose channels are its in-features)."""
         super().__init__()
-        if method == "aqe" and bits > MAX_AQE_BITS:
-            raise ExportError(f"the integer engine runs AQE weights of 1..{MAX_AQE_BITS} bits, not {bits}")
-        self.bits, self.method = bits, method
+        self.bits, self.offset_bits = bits, offset_bits
         rows = conv_weight_rows(ints) if ints.dim() == 4 else ints  # the reduction order of im2col
-        # DoReFa and +-1 weights are 2q - L: pack q and add the constant; AQE n >= 2: two's complement.
-        self.packed = pack_weight(rows, bits if method == "dorefa" or bits == 1 else None)
+        self.packed = pack_weight(rows, offset_bits)
         weight_scale, out_scale = weight_scale.double(), out_scale.double()
         self.acc_scale = weight_scale * out_scale  # float64: the accumulator may exceed float32's 2^24
         self.out_shift = out_shift.double()
@@ -130,9 +129,11 @@ class _BitLayer(nn.Module):
             self._native_shift = self.out_shift.expand(self.native.out).contiguous()
             self._native_scale: tuple[float, torch.Tensor] | None = None
         self.fused_act_bits = 0
-        """> 0: this layer's native output is the DoReFa activation of that many bits that
-        follows it (``distq.infer.fusion``): values and integers, not the affine's floats."""
+        """> 0: this layer's native output is the activation of that many bits that follows it
+        (``distq.infer.fusion``: one with ``unit_levels``): values and integers, not the affine's floats."""
+        self.fused_levels = 0
         self.fused_code: PlaneCode | None = None
+        self.fused_values = None
         self.takes_residual = False
         """True: ``forward(x, residual)`` adds the residual to its output (``distq.infer.fusion``
         moved a following ``+`` into this layer)."""
@@ -158,9 +159,13 @@ class _BitLayer(nn.Module):
             y[rows] = acc.double().mul_(scale).add_(self.out_shift)
         return y
 
-    def fuse_activation(self, bits: int) -> None:
-        """From now on the native output is the DoReFa activation of ``bits`` that follows."""
-        self.fused_act_bits, self.fused_code = bits, PlaneCode("unsigned", bits)
+    def fuse_activation(self, act: IntAct) -> None:
+        """From now on the native output is ``act``, the activation that follows (one with
+        ``unit_levels``: round(clamp(y, 0, 1) * L) / L)."""
+        if act.unit_levels is None:
+            raise ValueError(f"the native kernels fuse only activations round(clamp(x, 0, 1) * L) / L, not {act.method}'s")
+        self.fused_act_bits, self.fused_levels = act.bits, act.unit_levels
+        self.fused_code, self.fused_values = PlaneCode("unsigned", act.bits), act.int_values
 
     def _native_forward(self, x: CodedActivation, ints: torch.Tensor, residual=None):
         """Integer activations -> the native GEMM with the affine (and the residual) fused into
@@ -170,11 +175,11 @@ class _BitLayer(nn.Module):
         if self._native_scale is None or self._native_scale[0] != x.scale:  # the same scale on every call
             self._native_scale = (x.scale, (x.scale * self.acc_scale).expand(self.native.out).contiguous())
         run = self.native.conv if ints.dim() == 4 else self.native.linear
-        n = levels(self.fused_act_bits) if self.fused_act_bits else 0
+        n = self.fused_levels if self.fused_act_bits else 0
         if residual is not None:
             residual = residual.as_subclass(torch.Tensor)
         y = run(ints, x.code, self._native_scale[1], self._native_shift, x.dtype, n, residual)
-        return coded(y[0], y[1], self.fused_code, 1.0 / n) if n else y
+        return coded(y[0], y[1], self.fused_code, 1.0 / n, self.fused_values) if n else y
 
     def _float_affine(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         return channel_affine(y, self.out_scale_f, self.out_shift_f, channel_dim)
@@ -189,10 +194,10 @@ def channel_affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ch
 
 class BitConv2d(_BitLayer):
     def __init__(
-        self, conv: nn.Conv2d, ints, bits, method, weight_scale, out_scale, out_shift, dtype=torch.float32, native=False
+        self, conv: nn.Conv2d, ints, bits, offset_bits, weight_scale, out_scale, out_shift, dtype=torch.float32, native=False
     ):
         geometry = (conv.kernel_size, conv.stride, conv.padding)
-        super().__init__(ints, bits, method, weight_scale, out_scale, out_shift, dtype, native, geometry)
+        super().__init__(ints, bits, offset_bits, weight_scale, out_scale, out_shift, dtype, native, geometry)
         self.kernel_size, self.stride, self.padding = geometry
 
     def _weight_shape(self, rows: torch.Tensor) -> torch.Tensor:
@@ -235,8 +240,9 @@ class CodedMaxPool2d(nn.MaxPool2d):
     """Max pooling that keeps a quantized activation's integers: the quantizers are
     monotone, so the max of the values is the value of the max integer.
 
-    ``native``: DoReFa codes (uint8) are pooled as integers by the native kernel, and each
-    pooled value is looked up from its code, which gives exactly the max of the values."""
+    ``native``: unsigned codes (uint8) are pooled as integers by the native kernel, and each
+    pooled value is looked up from its code in a table the producing activation's
+    ``value_of`` made, which gives exactly the max of the values."""
 
     def __init__(self, *args, native: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -258,12 +264,13 @@ class CodedMaxPool2d(nn.MaxPool2d):
         if self.computed_by is not None:
             return x
         geometry = self.native_geometry() if self.native else None
-        if geometry is not None and x.code.kind == "unsigned" and x.ints.dtype == torch.uint8:
-            key = (x.code.bits, x.dtype)
+        value_of = getattr(x, "value_of", None)
+        if geometry is not None and value_of is not None and x.code.kind == "unsigned" and x.ints.dtype == torch.uint8:
+            key = (value_of, x.dtype)
             if key not in self._value_tables:
-                self._value_tables[key] = dorefa_values(torch.arange(256, dtype=torch.uint8), x.code.bits, x.dtype)
+                self._value_tables[key] = value_of(torch.arange(256, dtype=torch.uint8), x.dtype)
             ints, values = max_pool_codes(x.ints, self._value_tables[key], *geometry)
-            return coded(values, ints, x.code, x.scale)
+            return coded(values, ints, x.code, x.scale, value_of)
         y, idx = F.max_pool2d(
             x.as_subclass(torch.Tensor),
             self.kernel_size,
@@ -274,7 +281,7 @@ class CodedMaxPool2d(nn.MaxPool2d):
             return_indices=True,
         )
         ints = x.ints.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
-        return coded(y, ints, x.code, x.scale)
+        return coded(y, ints, x.code, x.scale, getattr(x, "value_of", None))
 
 
 class FloatLayer(nn.Module):
@@ -289,7 +296,8 @@ class FloatLayer(nn.Module):
         super().__init__()
         self.native = native
         self.fused_act_bits = 0
-        """> 0: the output is the DoReFa activation of that many bits that follows (``distq.infer.fusion``)."""
+        """> 0: the output is the activation of that many bits that follows (``distq.infer.fusion``)."""
+        self.fused_levels, self.fused_values = 0, None
         self.fused_pool: tuple | None = None
         """(kernel, stride, padding) of a max pool after that activation, also fused."""
         self.weight, self.out_scale, self.out_shift = weight.to(dtype), out_scale.to(dtype), out_shift.to(dtype)
@@ -297,22 +305,24 @@ class FloatLayer(nn.Module):
         if self.conv:
             self.stride, self.padding = original.stride, original.padding
 
-    def fuse_activation(self, bits: int, pool: tuple | None = None) -> None:
-        """From now on a conv's output is the DoReFa activation of ``bits`` that follows, or
-        that activation max-pooled with ``pool`` = (kernel, stride, padding)."""
-        self.fused_act_bits, self.fused_pool = bits, pool
+    def fuse_activation(self, act: IntAct, pool: tuple | None = None) -> None:
+        """From now on a conv's output is ``act``, the activation that follows (one with
+        ``unit_levels``), or that activation max-pooled with ``pool`` = (kernel, stride, padding)."""
+        if act.unit_levels is None:
+            raise ValueError(f"the native kernels fuse only activations round(clamp(x, 0, 1) * L) / L, not {act.method}'s")
+        self.fused_act_bits, self.fused_levels, self.fused_values, self.fused_pool = act.bits, act.unit_levels, act.int_values, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)
         if self.conv:
             y = F.conv2d(x, self.weight, None, self.stride, self.padding)
             if self.native and self.fused_act_bits:
-                n = levels(self.fused_act_bits)
+                n = self.fused_levels
                 if self.fused_pool is not None:
                     values, codes = affine_quantize_pool(y, self.out_scale, self.out_shift, n, *self.fused_pool)
                 else:
                     values, codes = affine_to_channels_last(y, self.out_scale, self.out_shift, n)
-                return coded(values, codes, PlaneCode("unsigned", self.fused_act_bits), 1.0 / n)
+                return coded(values, codes, PlaneCode("unsigned", self.fused_act_bits), 1.0 / n, self.fused_values)
             if self.native:
                 return affine_to_channels_last(y, self.out_scale, self.out_shift)
             return channel_affine(y, self.out_scale, self.out_shift, 1)

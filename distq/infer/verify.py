@@ -25,7 +25,6 @@ def exact_reference(model: torch.nn.Module) -> torch.nn.Module:
     other way; the codes are the weights the export holds (tests check they match the
     training quantizer). What remains is the arithmetic, which float64 does exactly enough.
     """
-    from distq.export.codes import aqe_weight_codes, dorefa_weight_codes, weight_integers
     from distq.quant.functional import FULL_PRECISION
     from distq.quant.layers import QAct
 
@@ -34,13 +33,9 @@ def exact_reference(model: torch.nn.Module) -> torch.nn.Module:
         for _, layer in quant_layers(model):
             if isinstance(layer, QAct) or layer.bits == FULL_PRECISION:
                 continue
-            weight = layer.weight.float()
-            if layer.method == "aqe":
-                codes, scale = aqe_weight_codes(weight, layer.bits)
-            else:
-                codes, scale = dorefa_weight_codes(weight, layer.bits, layer.per_channel)
-            values = weight_integers(codes, layer.bits, layer.method).double()
-            layer.weight.copy_(values * scale.view((-1,) + (1,) * (values.dim() - 1)))
+            codes = layer.quantizer.weight_codes(layer)  # from the float32 weight, as the export
+            values = codes.integers.double()
+            layer.weight.copy_(values * codes.scale.double().view((-1,) + (1,) * (values.dim() - 1)))
             layer.bits = FULL_PRECISION
     return model
 

@@ -20,11 +20,11 @@ from distq.quant.methods import ACT, WEIGHT
 
 
 def calibrated_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers whose method has learnable parameters, and that registered them."""
+    """The layers whose method starts its learnable parameters from data, and that registered them."""
     return [
         layer
         for _, layer in quant_layers(model)
-        if layer.quantizer.learnable and any(hasattr(layer, name) for name in layer.quantizer.learnable)
+        if layer.quantizer.calibrated and any(hasattr(layer, name) for name in layer.quantizer.learnable)
     ]
 
 
@@ -32,23 +32,43 @@ def needs_calibration(models: Iterable[nn.Module]) -> bool:
     return any(calibrated_layers(m) for m in models)
 
 
+def _summed(stats: list[dict[str, torch.Tensor]], reduce_sum, device) -> list[dict[str, torch.Tensor]]:
+    """Every statistic summed over the ranks, in one reduction."""
+    flat = reduce_sum(torch.cat([v.detach().double().reshape(-1).to(device) for one in stats for v in one.values()])).cpu()
+    out, offset = [], 0
+    for one in stats:
+        summed = {}
+        for key, value in one.items():
+            summed[key] = flat[offset : offset + value.numel()].reshape(value.shape)
+            offset += value.numel()
+        out.append(summed)
+    return out
+
+
 @torch.no_grad()
 def calibrate(models: Iterable[nn.Module], images: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> int:
     """Initialise the learnable quantizer parameters of ``models`` from ``images``; returns how
-    many layers were set. ``reduce_sum`` sums a float64 tensor over the ranks."""
-    entries: list[tuple[nn.Module, str, dict[str, torch.Tensor]]] = []
+    many layers were set. ``reduce_sum`` sums a float64 tensor over the ranks.
 
-    def collect(layer, inputs):
-        entries.append((layer, ACT, layer.quantizer.calibrate(layer, ACT, inputs[0])))
+    Weights first (one reduction), then the activations in the order the forward reaches them,
+    each set before its layer runs (one reduction each, the same on every rank), so every
+    activation's statistics are those of the network quantized up to it, as when each quantizer
+    initialises itself on its first batch."""
 
+    def on_act(layer, inputs):
+        (stats,) = _summed([layer.quantizer.calibrate(layer, ACT, inputs[0])], reduce_sum, images.device)
+        layer.quantizer.initialise(layer, ACT, stats)
+
+    count = 0
     for model in models:
         layers = calibrated_layers(model)
-        hooks = []
-        for layer in layers:
-            if layer.role == WEIGHT:
-                entries.append((layer, WEIGHT, layer.quantizer.calibrate(layer, WEIGHT, None)))
-            else:
-                hooks.append(layer.register_forward_pre_hook(collect))
+        count += len(layers)
+        weights = [layer for layer in layers if layer.role == WEIGHT]
+        if weights:
+            stats = _summed([layer.quantizer.calibrate(layer, WEIGHT, None) for layer in weights], reduce_sum, images.device)
+            for layer, summed in zip(weights, stats):
+                layer.quantizer.initialise(layer, WEIGHT, summed)
+        hooks = [layer.register_forward_pre_hook(on_act) for layer in layers if layer.role == ACT]
         if not hooks:
             continue
         buffers = [(b, b.clone()) for b in model.buffers()]
@@ -59,15 +79,4 @@ def calibrate(models: Iterable[nn.Module], images: torch.Tensor, reduce_sum: Cal
                 hook.remove()
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-    if not entries:
-        return 0
-    values = [v.detach().double().reshape(-1).to(images.device) for _, _, stats in entries for v in stats.values()]
-    total = reduce_sum(torch.cat(values)).cpu()
-    offset = 0
-    for layer, role, stats in entries:
-        summed = {}
-        for key, value in stats.items():
-            summed[key] = total[offset : offset + value.numel()].reshape(value.shape)
-            offset += value.numel()
-        layer.quantizer.initialise(layer, role, summed)
-    return len(entries)
+    return count

@@ -10,30 +10,43 @@ import torch
 import torch.nn as nn
 
 from distq.config.schema import ModelConfig, QuantConfig
-from distq.export.codes import aqe_exponent, aqe_weight_codes, dorefa_weight_codes, weight_integers
 from distq.export.exporter import conv_bn_pairs, export_model
 from distq.export.format import unpack_planes
 from distq.models.build import build_model
 from distq.quant.functional import aqe_hard, weight_quant
+from distq.quant.layers import QConv2d
+from distq.quant.methods import build_method
+from distq.quant.methods.aqe import exponent
+
+
+def _weight_codes(method, w, bits, per_channel=False):
+    """The method's ``weight_codes`` of a conv holding ``w``, checked against its ``integers``."""
+    layer = QConv2d(w.shape[1], w.shape[0], w.shape[2], bits=bits, method=method, per_channel=per_channel)
+    layer.weight.data.copy_(w)
+    codes = layer.quantizer.weight_codes(layer)
+    assert codes.codes.dtype == torch.uint8 and int(codes.codes.max()) < 1 << bits
+    assert torch.equal(layer.quantizer.integers(codes.codes, bits), codes.integers)  # what a packed file's reader gets
+    assert codes.low <= int(codes.integers.min()) and int(codes.integers.max()) <= codes.high
+    return codes
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_dorefa_codes_reproduce_the_weight_quantizer(bits, per_channel):
     w = torch.randn(6, 5, 3, 3)
-    codes, scale = dorefa_weight_codes(w, bits, per_channel)
-    assert int(codes.max()) < 1 << bits
-    values = weight_integers(codes, bits, "dorefa").double() * scale.double().view(-1, 1, 1, 1)
+    codes = _weight_codes("dorefa", w, bits, per_channel)
+    assert codes.offset_bits == bits
+    values = codes.integers.double() * codes.scale.double().view(-1, 1, 1, 1)
     torch.testing.assert_close(values, weight_quant(w, bits, per_channel).double(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
 def test_aqe_codes_are_the_hard_quantizer_exactly(bits):
     w = torch.randn(8, 4, 3, 3) * 0.3
-    codes, scale = aqe_weight_codes(w, bits)
-    assert int(codes.max()) < 1 << bits
-    assert scale.item() == 2.0 ** -aqe_exponent(bits)
-    values = weight_integers(codes, bits, "aqe").double() * scale.double()
+    codes = _weight_codes("aqe", w, bits)
+    assert codes.scale.item() == 2.0 ** -exponent(bits)
+    assert codes.offset_bits == (1 if bits == 1 else None)
+    values = codes.integers.double() * codes.scale.double()
     assert torch.equal(values, aqe_hard(w, bits).double())
 
 
@@ -99,7 +112,7 @@ def test_packed_codes_and_affine_reproduce_the_quantized_conv_and_batchnorm():
     record = export.header["layers"]["layer2.1.conv1"]
     names = record["tensors"]
     codes = unpack_planes(export.tensors[names["weight_codes"]], 3, tuple(record["shape"]))
-    weight = weight_integers(codes, 3, "dorefa").double() * export.tensors[names["weight_scale"]].double()
+    weight = build_method(record["method"]).integers(codes, 3).double() * export.tensors[names["weight_scale"]].double()
     x = torch.rand(2, 16, 8, 8, dtype=torch.float64)  # width 8: layer2 has 16 channels
     block = model.layer2[1]
     expected = block.bn1(block.conv1(x))
@@ -113,13 +126,13 @@ def test_packed_codes_and_affine_reproduce_the_quantized_conv_and_batchnorm():
 def test_aqe_layers_short_of_alpha_1_are_flagged():
     model = _model(2, 2, method="aqe")
     _, summary = export_model(model, HEADER)
-    assert summary.aqe_soft_layers == 35  # 19 layers + 16 activations at the default alpha 0.5
+    assert summary.warned_layers == 35  # 19 layers + 16 activations at the default alpha 0.5
     assert "warning: 35 AQE layers end training with alpha < 1" in summary.lines("x")[-1]
     for m in model.modules():
         if hasattr(m, "alpha"):
             m.alpha = 1.0
     _, summary = export_model(model, HEADER)
-    assert summary.aqe_soft_layers == 0 and not any("warning" in line for line in summary.lines("x"))
+    assert summary.warned_layers == 0 and not any("warning" in line for line in summary.lines("x"))
 
 
 def test_conv_bn_pairs_follow_the_data_flow():

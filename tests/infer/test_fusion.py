@@ -21,7 +21,7 @@ def _conv(channels: int, seed: int) -> BitConv2d:
     scale = torch.rand(channels, generator=g, dtype=torch.float64) / 20
     shift = torch.rand(channels, generator=g, dtype=torch.float64) - 0.3
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    return BitConv2d(conv, ints, 2, "dorefa", torch.tensor([1 / 3], dtype=torch.float64), scale, shift, native=True)
+    return BitConv2d(conv, ints, 2, 2, torch.tensor([1 / 3], dtype=torch.float64), scale, shift, native=True)
 
 
 class Block(nn.Module):

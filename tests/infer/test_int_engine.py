@@ -134,7 +134,7 @@ def test_quantized_linear_takes_float_or_integer_input():
     q = torch.randint(0, 4, (5, 70), generator=g)
     ints = 2 * q - 3
     scale, shift = torch.linspace(0.5, 1.0, 5, dtype=torch.float64), torch.linspace(-0.1, 0.1, 5, dtype=torch.float64)
-    layer = BitLinear(ints, 2, "dorefa", torch.tensor([1 / 3], dtype=torch.float64), scale, shift, torch.float64)
+    layer = BitLinear(ints, 2, 2, torch.tensor([1 / 3], dtype=torch.float64), scale, shift, torch.float64)
     weight = ints.double() / 3
     codes = torch.randint(0, 8, (3, 70), generator=g, dtype=torch.uint8)
     x = codes.double() / 7
@@ -151,7 +151,7 @@ def test_quantized_conv_takes_float_input_with_its_dequantized_weight():
     ints = 2 * torch.randint(0, 8, (4, 3, 3, 3), generator=g) - 7
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
     scale, shift = torch.rand(4, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64)
-    layer = BitConv2d(conv, ints, 3, "dorefa", torch.tensor([1 / 7], dtype=torch.float64), scale, shift, torch.float64)
+    layer = BitConv2d(conv, ints, 3, 3, torch.tensor([1 / 7], dtype=torch.float64), scale, shift, torch.float64)
     x = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64)
     expected = nn.functional.conv2d(x, ints.double() / 7, stride=2, padding=1) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)

@@ -137,7 +137,7 @@ def test_quantized_linear_on_integers(a_bits, code):
     """A BitLinear fed integers (AlexNet's classifier.4): native equals reference."""
     g = torch.Generator().manual_seed(0)
     ints = 2 * torch.randint(0, 2, (13, 130), generator=g) - 1
-    args = (ints, 1, "dorefa", torch.rand(13, generator=g, dtype=torch.float64), torch.rand(13, generator=g, dtype=torch.float64))
+    args = (ints, 1, 1, torch.rand(13, generator=g, dtype=torch.float64), torch.rand(13, generator=g, dtype=torch.float64))
     shift = torch.randn(13, generator=g, dtype=torch.float64)
     layers = {k: BitLinear(*args, shift, torch.float32, native=k) for k in (True, False)}
     if code.kind == "sign":

@@ -102,3 +102,34 @@ def test_lsq_refuses_one_bit_naming_the_key():
 
     with pytest.raises(Exception, match=r"quant.w_bits=1: quant.method=lsq is defined for 2..8 bits"):
         load_config(None, ["quant.method=lsq", "quant.w_bits=1", "quant.a_bits=2"])
+
+
+def test_calibration_sets_the_papers_initial_steps_and_leaves_batchnorm_alone():
+    """s = 2 mean|v| / sqrt(Q_P): from the weights (per channel here), and for each activation from
+    the ReLU output it receives on the first batch, the layers before it already quantized."""
+    from distq.models import build_float_model, quantize_model
+    from distq.quant.calibrate import calibrate
+    from distq.quant.layers import quant_layers
+
+    torch.manual_seed(0)
+    model = quantize_model(build_float_model("resnet18", 10, width=4, small_input=True), 3, 2, method="lsq", per_channel=True).train()
+    images = torch.randn(6, 3, 16, 16)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, inp, name=name: seen.__setitem__(name, inp[0].clone()))
+             for name, layer in quant_layers(model) if isinstance(layer, QAct)]
+    # Two ranks with the same batch: sums and counts double, the means do not.
+    assert calibrate([model], images, lambda t: 2 * t) == sum(1 for _ in quant_layers(model))
+    for h in hooks:
+        h.remove()
+    for name, layer in quant_layers(model):
+        if isinstance(layer, QAct):
+            want = 2 * seen[name].double().clamp(min=0).mean() / math.sqrt(3)
+            torch.testing.assert_close(layer.act_step.double(), want, rtol=1e-6, atol=0)
+        else:
+            w = layer.weight.detach().double()
+            want = 2 * w.abs().reshape(w.shape[0], -1).mean(dim=1) / math.sqrt(3)  # 3-bit signed: Q_P = 3
+            torch.testing.assert_close(layer.weight_step.double(), want, rtol=1e-6, atol=0)
+    for key, value in buffers.items():
+        if "step" not in key:
+            assert torch.equal(model.state_dict()[key], value), key

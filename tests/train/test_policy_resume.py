@@ -4,8 +4,8 @@ controller, history, results), on one process and on two (DeepSpeed).
 
 Each run is tiny: a width-4 ResNet-18 on 32 images, 4 steps per epoch, 4 epochs, a checkpoint
 every 2 steps; the kill comes after the step-6 checkpoint (1.5 epochs), inside each policy's
-schedule: before the two-stage switch and the aux branch's removal (both at step 8), in the
-low-precision phase of cyclic training's first bit depth, during AQE's alpha ramp.
+schedule: before the two-stage switch, the aux branch's removal and LSQ's 4 -> 2 bit change (all at
+step 8), in the low-precision phase of cyclic training's first bit depth, during AQE's alpha ramp.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ POLICIES = {
     "two_stage": ("digits_resnet18_w2a2_two_stage.yaml", ()),
     # 2 -> 1 weight bits, one cycle of 1 epoch full precision + 1 epoch low precision at each.
     "cyclic": ("digits_resnet18_w1a1_cyclic.yaml", ("precision.cyclic={start_bits: 2, cycles: 1, fp_length: 1ep, lp_length: 1ep}",)),
+    # LSQ's learned steps (set from the first batch) under a bit-width change at step 8, and an LSQ
+    # student beside a DoReFa one in a guided team.
+    "lsq_progressive": ("digits_resnet18_w2a2_progressive.yaml", ("quant.method=lsq", "precision.progressive={w_bits: [4, 2], a_bits: [4, 2], stages: [2ep]}")),
+    "lsq_guided": ("digits_resnet18_w4a4_guided.yaml", ("guided.students=[{w_bits: 4, a_bits: 4, method: lsq}, {w_bits: 2, a_bits: 2}]",)),
 }
 
 
@@ -62,7 +66,7 @@ def assert_resumed_equals_reference(killed_dir, reference_dir, stopped, log_text
 
 # One process: guided (two models) and aux (branches with their own optimizer state, removed after
 # the resume) by default, the others with -m slow (each test is three runs).
-ONE_PROCESS = [p if p in ("guided", "aux") else pytest.param(p, marks=pytest.mark.slow) for p in sorted(POLICIES)]
+ONE_PROCESS = [p if p in ("guided", "aux", "lsq_progressive") else pytest.param(p, marks=pytest.mark.slow) for p in sorted(POLICIES)]
 
 
 @pytest.mark.parametrize("policy", ONE_PROCESS)

@@ -57,7 +57,12 @@ class Aqe(QuantMethod):
     # --- export ---------------------------------------------------------------------------------
 
     def export_warning(self, layer: nn.Module) -> str | None:
-        return "AQE layers that end training with alpha < 1" if layer.alpha < 1 else None
+        if layer.alpha >= 1:
+            return None
+        return (
+            "AQE layers end training with alpha < 1; the export (like any inference) uses only the hard quantizer, "
+            "which this model was not trained to end at: train with an AQE alpha schedule (precision.aqe) so that alpha reaches 1"
+        )
 
     def onnx_refusal(self, layer: nn.Module) -> str | None:
         if layer.alpha < 1:
@@ -74,7 +79,10 @@ class Aqe(QuantMethod):
             codes = sign_magnitude_codes(aqe_hard(layer.weight.detach().float(), bits), bits)
         scale = torch.tensor([2.0 ** -exponent(bits)], dtype=torch.float64)
         top = 1 if bits == 1 else 1 << exponent(bits)
-        return WeightCodes(codes, self.integers(codes, bits), scale, -top, top, 1 if bits == 1 else None)
+        return WeightCodes(codes, self.integers(codes, bits), scale, -top, top, self.offset_bits(bits))
+
+    def offset_bits(self, bits: int) -> int | None:
+        return 1 if bits == 1 else None  # +-1 is 2b - 1; n >= 2: sign-magnitude, packed as two's complement
 
     def integers(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
         codes = codes.to(torch.int64)

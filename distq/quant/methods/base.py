@@ -28,8 +28,11 @@ class Unsupported(ValueError):
 @dataclass(frozen=True)
 class WeightCodes:
     """A quantized weight as integers: ``value = integers * scale`` (scale per output channel,
-    or one value for the tensor)."""
+    or one value for the tensor), and the k-bit codes a packed file stores for them."""
 
+    codes: torch.Tensor
+    """uint8 k-bit codes, the weight's shape: what a packed file stores (``integers(codes, bits)``
+    gives the integers back)."""
     integers: torch.Tensor
     """int64, the weight's shape."""
     scale: torch.Tensor
@@ -72,7 +75,13 @@ class QuantMethod:
     optimizer group; ``after_step`` edits the latent weights after an update (AQE's clip).
 
     Export: ``weight_codes``, ``act_codes`` and ``int_activation`` give the integer form; what a
-    method cannot express raises ``Unsupported``.
+    method cannot express raises ``Unsupported``. Every quantized weight is written as unsigned
+    k-bit codes, each standing for an exact integer (its *integer form*, ``integers``) times a
+    scale, so that the dot product of a quantized activation and a quantized weight is an
+    integer dot product times one float. The codes come from the training quantizers' own
+    outputs, never from a re-implementation, so an export holds exactly what the fake-quantized
+    model computes with. The packed exporter (``distq.export.exporter``), the ONNX writers
+    (``distq.export.onnx_quant``) and the integer engine (``distq.infer``) use only these hooks.
     """
 
     key: ClassVar[str]
@@ -85,6 +94,8 @@ class QuantMethod:
     """Whether the forward mixes alpha h(x) + (1 - alpha) x (``precision.aqe`` schedules alpha)."""
     learnable: ClassVar[tuple[str, ...]] = ()
     """Names of the parameters ``attach`` registers, for messages and pretrained loading."""
+    calibrated: ClassVar[bool] = False
+    """Whether the learnable parameters start from the first training batch (``calibrate``)."""
 
     def __init__(self, cfg=None):
         self.cfg = cfg if cfg is not None or self.config_class is None else self.config_class()
@@ -136,8 +147,15 @@ class QuantMethod:
         """The integer form (int64) of a packed file's k-bit weight codes."""
         raise NotImplementedError
 
+    def offset_bits(self, bits: int) -> int | None:
+        """How the integer engine packs ``bits``-bit weights (``WeightCodes.offset_bits``): k when
+        the integers are 2q - (2^k - 1) of k-bit codes q (offset binary: the engine packs q and
+        adds the constant), None when it packs the integers as two's complement."""
+        return None
+
     def export_warning(self, layer: nn.Module) -> str | None:
-        """A kind of layer whose export computes other than training did (said once, counted)."""
+        """Why ``layer``'s export computes other than training did, or None. Said once per kind
+        after the number of such layers ("warning: 35 <this>"), so phrased to follow a count."""
         return None
 
     def onnx_refusal(self, layer: nn.Module) -> str | None:

@@ -53,10 +53,14 @@ class DoReFa(QuantMethod):
 
     def weight_codes(self, layer: nn.Module) -> WeightCodes:
         codes, scale = dorefa_weight_codes(layer.weight.detach().float(), layer.bits, layer.per_channel)
-        return WeightCodes(codes, self.integers(codes, layer.bits), scale.reshape(-1), -levels(layer.bits), levels(layer.bits), layer.bits)
+        bits = layer.bits
+        return WeightCodes(codes, self.integers(codes, bits), scale.reshape(-1), -levels(bits), levels(bits), self.offset_bits(bits))
 
     def integers(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
         return 2 * codes.to(torch.int64) - levels(bits)
+
+    def offset_bits(self, bits: int) -> int | None:
+        return bits
 
     def act_codes(self, layer: nn.Module) -> ActCodes:
         return ActCodes(layer.bits, 1.0 / levels(layer.bits), levels(layer.bits))

@@ -151,6 +151,7 @@ class Lsq(QuantMethod):
     config_class = LsqConfig
     min_bits = 2
     learnable = tuple(STEP.values())
+    calibrated = True
 
     def attach(self, layer: nn.Module, role: str) -> None:
         channels = layer.weight.shape[0] if role == WEIGHT and layer.per_channel else None
@@ -219,7 +220,7 @@ class Lsq(QuantMethod):
             step = self.step(layer, WEIGHT, bits).detach().float()
             integers = torch.round(w * (1.0 / _as_channels(step, w))).clamp_(low, high).to(torch.int64)
         codes = (integers & ((1 << bits) - 1)).to(torch.uint8)
-        return WeightCodes(codes, integers, step.double().reshape(-1), low, high, None)
+        return WeightCodes(codes, integers, step.double().reshape(-1), low, high, self.offset_bits(bits))
 
     def integers(self, codes: Tensor, bits: int) -> Tensor:
         codes = codes.to(torch.int64)
