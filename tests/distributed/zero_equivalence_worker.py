@@ -12,22 +12,25 @@ from distq.config.schema import DistConfig, TrainConfig
 from distq.data.order import BatchLayout
 from distq.distributed import TeamModule, build_engine, close_process_group, detect
 from distq.quant import QAct, QConv2d
+from distq.quant.calibrate import calibrate
 from distq.train.optim import build_optimizer, param_groups
 
 GLOBAL_BATCH, STEPS = 16, 20
 
 
-def main(out: str, engine_kind: str, zero_stage: int, mixed: bool) -> None:
+def main(out: str, engine_kind: str, zero_stage: int, mixed: bool, method: str = "dorefa") -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
-        QAct(4),
-        QConv2d(8, 16, 3, padding=1, bits=4),
-        QAct(4),
+        QAct(4, method=method),
+        QConv2d(8, 16, 3, padding=1, bits=4, method=method),
+        QAct(4, method=method),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(16, 10),
     )
+    # LSQ's steps from a batch every rank sees whole (the trainer reduces over ranks instead).
+    calibrate([model], torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(2)), lambda t: t)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     train = TrainConfig(epochs=1, lr=0.05, momentum=0.9, weight_decay=1e-4)
     env = detect()
@@ -56,4 +59,5 @@ def main(out: str, engine_kind: str, zero_stage: int, mixed: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["mixed"])
+    flags = sys.argv[4:]
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), "mixed" in flags, next((f for f in flags if f != "mixed"), "dorefa"))

@@ -78,7 +78,7 @@ def test_pact_equals_float64_reference(bits):
 def test_lsq_layers_learn_their_steps_with_the_paper_gradient_scale():
     conv = QConv2d(4, 6, 3, bits=4, method="lsq", per_channel=True)
     act = QAct(bits=4, method="lsq")
-    assert conv.weight_step.shape == (6,) and act.act_step.shape == ()
+    assert conv.weight_step.shape == (6,) and act.act_step.shape == (1,)
     x = torch.randn(2, 4, 5, 5)
     act(conv(x)).sum().backward()
     assert conv.weight_step.grad is not None and act.act_step.grad is not None
@@ -125,7 +125,7 @@ def test_calibration_sets_the_papers_initial_steps_and_leaves_batchnorm_alone():
     for name, layer in quant_layers(model):
         if isinstance(layer, QAct):
             want = 2 * seen[name].double().clamp(min=0).mean() / math.sqrt(3)
-            torch.testing.assert_close(layer.act_step.double(), want, rtol=1e-6, atol=0)
+            torch.testing.assert_close(layer.act_step.double(), want.reshape(1), rtol=1e-6, atol=0)
         else:
             w = layer.weight.detach().double()
             want = 2 * w.abs().reshape(w.shape[0], -1).mean(dim=1) / math.sqrt(3)  # 3-bit signed: Q_P = 3

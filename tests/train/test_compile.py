@@ -46,14 +46,23 @@ def assert_close_gradients(got: dict, want: dict) -> None:
 BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
 
 
+@pytest.mark.parametrize("method", ["dorefa", "lsq", "pact"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_compiled_w4a4_model_gives_the_eager_gradients(backend):
-    cfg = small_config()
+def test_a_compiled_w4a4_model_gives_the_eager_gradients(backend, method):
+    """With every quantizer method: LSQ's and PACT's custom operators carry their parameters' gradients."""
+    from distq.quant.calibrate import calibrate
+
+    cfg = small_config(f"quant.method={method}")
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.quant, 10).train()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    calibrate([model], x, lambda t: t)  # LSQ's steps as training starts them
+    with torch.no_grad():  # PACT: clip low enough that every alpha has a gradient
+        for name, param in model.named_parameters():
+            if name.endswith("act_clip"):
+                param.fill_(0.5)
     compiled = copy.deepcopy(model)
     compiled.compile(backend=backend)
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     loss = torch.nn.functional.cross_entropy
     assert_close_gradients(gradients(compiled, loss, x, y), gradients(model, loss, x, y))
 

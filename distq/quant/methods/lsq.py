@@ -154,9 +154,9 @@ class Lsq(QuantMethod):
     calibrated = True
 
     def attach(self, layer: nn.Module, role: str) -> None:
-        channels = layer.weight.shape[0] if role == WEIGHT and layer.per_channel else None
-        shape = (channels,) if channels else ()
-        layer.register_parameter(STEP[role], nn.Parameter(torch.ones(shape)))
+        # Shape (1,) for one step: DeepSpeed cannot flatten 0-dim parameters.
+        channels = layer.weight.shape[0] if role == WEIGHT and layer.per_channel else 1
+        layer.register_parameter(STEP[role], nn.Parameter(torch.ones(channels)))
         layer.step_bits = layer.bits if layer.bits <= 8 else 8
         """b0: the bit-width the step is learned at (the layer's target)."""
 
@@ -192,7 +192,7 @@ class Lsq(QuantMethod):
         for an activation (what the paper's activation quantizers receive)."""
         if role == WEIGHT:
             w = layer.weight.detach().float().abs()
-            if getattr(layer, STEP[role]).dim() > 0:
+            if getattr(layer, STEP[role]).numel() > 1:
                 flat = w.reshape(w.shape[0], -1)
                 return {"sum": flat.sum(dim=1).double(), "count": torch.full((w.shape[0],), flat.shape[1], dtype=torch.float64)}
             return {"sum": w.sum().double().reshape(1), "count": torch.tensor([w.numel()], dtype=torch.float64)}

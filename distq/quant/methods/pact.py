@@ -112,7 +112,8 @@ class Pact(DoReFa):
 
     def attach(self, layer: nn.Module, role: str) -> None:
         if role == ACT:
-            layer.register_parameter("act_clip", nn.Parameter(torch.tensor(float(self.cfg.alpha_init))))
+            # Shape (1,): DeepSpeed cannot flatten 0-dim parameters.
+            layer.register_parameter("act_clip", nn.Parameter(torch.full((1,), float(self.cfg.alpha_init))))
 
     def act(self, layer: nn.Module, x: Tensor, bits: int) -> Tensor:
         return pact_quant(x, layer.act_clip, bits)
