@@ -13,6 +13,7 @@ from distq.config.schema import ModelConfig, QuantConfig
 from distq.models.convert import quantize_model
 from distq.models.registry import build_float_model, model_names
 from distq.quant.layers import quant_layers
+from distq.quant.methods import learnable_names
 
 
 def check_arch(arch: str) -> None:
@@ -64,6 +65,8 @@ def load_float_weights(model: nn.Module, path: str) -> None:
             raise CheckpointError(f"model.pretrained file {path!r} is not a readable state_dict ({str(exc).splitlines()[0]})") from None
     if isinstance(state, dict) and "models" in state:  # a distq checkpoint: take its first model
         state = next(iter(state["models"].values()))
-    weights = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    # A quantizer method's own parameters (LSQ's steps, PACT's clipping levels) belong to the
+    # method of the run they come from: this run's start its own way (at its first step).
     learned = frozenset(f"{name}.{p}" for name, layer in quant_layers(model) for p in layer.quantizer.learnable if hasattr(layer, p))
+    weights = {k: v for k, v in state.items() if not k.endswith("_extra_state") and k.rsplit(".", 1)[-1] not in learnable_names()}
     load_weights(model, weights, f"model.pretrained file {path!r}", allow_missing_quant_state=True, optional=learned)

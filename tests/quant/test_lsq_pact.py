@@ -133,3 +133,27 @@ def test_calibration_sets_the_papers_initial_steps_and_leaves_batchnorm_alone():
     for key, value in buffers.items():
         if "step" not in key:
             assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_pretrained_weights_move_between_methods_without_their_learned_parameters(tmp_path):
+    """model.pretrained takes weights and batch-norm statistics only: an LSQ run's steps do not
+    reach a DoReFa model, and an LSQ model started from float weights keeps its own steps."""
+    from distq.models import build_float_model, quantize_model
+    from distq.models.build import load_float_weights
+
+    def model(method):
+        torch.manual_seed(1)
+        return quantize_model(build_float_model("resnet18", 10, width=4, small_input=True), 4, 4, method=method)
+
+    lsq = model("lsq")
+    torch.save(lsq.state_dict(), tmp_path / "lsq.pt")
+    dorefa = model("dorefa")
+    load_float_weights(dorefa, str(tmp_path / "lsq.pt"))
+    assert torch.equal(dorefa.layer1[0].conv1.weight, lsq.layer1[0].conv1.weight)
+
+    torch.save(model("dorefa").state_dict(), tmp_path / "dorefa.pt")
+    target = model("lsq")
+    with torch.no_grad():
+        target.layer1[0].conv1.weight_step.fill_(0.25)
+    load_float_weights(target, str(tmp_path / "dorefa.pt"))
+    assert float(target.layer1[0].conv1.weight_step) == 0.25

@@ -10,6 +10,7 @@ from distq.quant.methods.base import (
     Unsupported,
     WeightCodes,
     build_method,
+    learnable_names,
     method_class,
     method_keys,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "Unsupported",
     "WeightCodes",
     "build_method",
+    "learnable_names",
     "method_class",
     "method_keys",
 ]

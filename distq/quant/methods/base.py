@@ -203,6 +203,11 @@ def method_keys() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def learnable_names() -> frozenset[str]:
+    """The parameter names any method registers on a layer (LSQ's steps, PACT's clipping levels)."""
+    return frozenset(name for cls in _REGISTRY.values() for name in cls.learnable)
+
+
 def method_class(key: str) -> type[QuantMethod]:
     try:
         return _REGISTRY[key]
