@@ -132,7 +132,7 @@ LSQ = "quant.method=lsq"
 QUANTIZER_METHODS = [
     *(m for m in FINETUNE_METHODS if m.key in ("fp", "direct")),
     Method("lsq", "LSQ (learned step size)", "digits_resnet18_w4a4_lsq_finetune.yaml", _bits, only_bits=(4, 2)),
-    Method("pact", "PACT (learned clipping)", "digits_resnet18_w4a4_pact_finetune.yaml", _bits),
+    Method("pact", "PACT (learned clipping)", "digits_resnet18_w4a4_pact_finetune.yaml", _bits, only_bits=(4, 2)),
     Method("pq_lsq", "progressive (PQ) with LSQ", "digits_resnet18_w2a2_progressive_finetune.yaml",
            lambda k: _progressive_finetune(k) + [LSQ], only_bits=(4, 2)),
     Method("guided_lsq", "guided, LSQ student", "digits_resnet18_w4a4_guided_finetune.yaml",
@@ -144,8 +144,9 @@ QUANTIZER_METHODS = [
 QUANTIZER_SETTINGS = (
     " In this study: LSQ (`quant.method=lsq`) learns one step per layer and activation, started at the paper's "
     "2 mean|v| / sqrt(Q_P) from the weights and the first training batch, gradient scale 1 / sqrt(N Q_P), no weight "
-    "decay on the steps; LSQ is defined for 2..8 bits, so it has no W1A1 cells. PACT (`quant.method=pact`) learns one "
-    "clipping level per activation from the paper's 10, with its L2 penalty 2e-4 as weight decay, and DoReFa weights. "
+    "decay on the steps. PACT (`quant.method=pact`) learns one clipping level per activation from the paper's 10, with "
+    "its L2 penalty 2e-4 as weight decay, and DoReFa weights. Both are defined from 2 bits (PACT's activations; at 1 "
+    "bit and alpha 10 every activation is 0 and the first step diverges), so neither has W1A1 cells. "
     "PQ with LSQ is the PQ recipe (8 -> 4, 8 -> 4 -> 2) with quant.method=lsq: each layer's step is learned at the "
     "target bits and rescaled by sqrt(Q_P(target) / Q_P(b)) while the layer runs at b bits. Guided with LSQ: the FP "
     "guide and an LSQ student (guided.students[].method=lsq). The direct and full-precision rows are the DoReFa "

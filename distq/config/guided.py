@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from distq.config.checks import check_positive
 from distq.quant.functional import check_bits
-from distq.quant.methods import method_class
+from distq.quant.methods import ACT, WEIGHT, method_class
 
 
 @dataclass(kw_only=True)
@@ -31,12 +31,11 @@ class StudentConfig:
             check_bits(self.a_bits, "guided.students[].a_bits")
         if self.method is not None:
             method = method_class(self.method)
-            for key in ("w_bits", "a_bits"):
+            for key, role in (("w_bits", WEIGHT), ("a_bits", ACT)):
                 bits = getattr(self, key)
-                if bits is not None and bits < method.min_bits:
-                    raise ValueError(
-                        f"guided.students[].{key}={bits}: method {self.method} is defined for {method.min_bits}..8 bits (or 32)"
-                    )
+                refusal = None if bits is None else method.bits_refusal(role, bits)
+                if refusal:
+                    raise ValueError(f"guided.students[].{key}={bits}: {refusal}")
         if self.name is None and self.w_bits is not None and self.a_bits is not None:
             tag = f"{self.method}_" if self.method is not None else ""
             self.name = f"student_{tag}w{self.w_bits}a{self.a_bits}"

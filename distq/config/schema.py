@@ -18,7 +18,7 @@ from distq.config.checks import check_positive
 from distq.config.guided import GuidedConfig, HintConfig, StudentConfig
 from distq.config.precision import PrecisionConfig
 from distq.quant.functional import FULL_PRECISION, check_bits
-from distq.quant.methods import LsqConfig, PactConfig, build_method, method_class, method_keys
+from distq.quant.methods import ACT, WEIGHT, LsqConfig, PactConfig, build_method, method_class, method_keys
 
 __all__ = [
     "DataConfig", "DistConfig", "DistqConfig", "GuidedConfig", "HintConfig", "LogConfig", "ModelConfig",
@@ -109,13 +109,10 @@ class QuantConfig:
         check_bits(self.w_bits, "quant.w_bits")
         check_bits(self.a_bits, "quant.a_bits")
         method = method_class(self.method)
-        for key in ("w_bits", "a_bits"):
-            bits = getattr(self, key)
-            if bits < method.min_bits:
-                raise ValueError(
-                    f"quant.{key}={bits}: quant.method={self.method} is defined for {method.min_bits}..8 bits (or 32); "
-                    f"raise quant.{key} or pick another quant.method"
-                )
+        for key, role in (("w_bits", WEIGHT), ("a_bits", ACT)):
+            refusal = method.bits_refusal(role, getattr(self, key))
+            if refusal:
+                raise ValueError(f"quant.{key}={getattr(self, key)}: {refusal}; raise quant.{key} or pick another quant.method")
 
     def build_method(self, key: str | None = None):
         """The quantizer method object ``key`` (default: quant.method) with its settings quant.<key>."""
@@ -312,12 +309,13 @@ class DistqConfig:
         for student in students:
             student.take_default_bits(self.quant.w_bits, self.quant.a_bits)
             method = method_class(student.method or self.quant.method)
-            low = min(student.w_bits, student.a_bits)
-            if low < method.min_bits:
-                raise ValueError(
-                    f"guided student {student.name!r} trains at {low} bits with quant.method={method.key}, which is defined for "
-                    f"{method.min_bits}..8 bits (or 32): give it more bits or another method (guided.students[].method)"
-                )
+            for bits, role in ((student.w_bits, WEIGHT), (student.a_bits, ACT)):
+                refusal = method.bits_refusal(role, bits)
+                if refusal:
+                    raise ValueError(
+                        f"guided student {student.name!r} trains at {bits} bits, but {refusal}: "
+                        "give it more bits or another method (guided.students[].method)"
+                    )
         self.guided.check_names()
         for kind in ("w_bits", "a_bits"):
             value = getattr(self.quant, kind)

@@ -32,6 +32,7 @@ from distq.checkpoint.optimizer_state import (
 )
 from distq.config.schema import DistConfig, TrainConfig
 from distq.data.order import BatchLayout
+from distq.distributed.deepspeed_contract import check_groups_module, check_zero_optimizer
 from distq.distributed.env import DistEnv, detect
 from distq.distributed.sync_bn import convert_sync_batchnorm
 from distq.distributed.vote import RankVote
@@ -260,7 +261,9 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=team.to(self.device), optimizer=optimizer, config=ds_config)
         self.team = self.engine.module
         self.layout = layout
-        self.zero = hasattr(self.optimizer, "single_partition_of_fp32_groups")  # ZeRO 1/2: flat fp32 partitions
+        self.zero = cfg.zero_stage in (1, 2)  # ZeRO 1/2: flat fp32 partitions of the optimizer's weights
+        if self.zero:
+            check_zero_optimizer(self.optimizer)
         self.vote = RankVote(env, cfg.timeout_s)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -384,7 +387,8 @@ def _give_deepspeed_the_timeout(timeout_s: float) -> None:
     tests/distributed/test_dead_rank.py checks that a frozen rank fails the job within the timeout."""
     from deepspeed.utils import groups
 
-    if getattr(groups, "_WORLD_GROUP", None) is None:
+    check_groups_module(groups)
+    if groups._WORLD_GROUP is None:
         timeout = datetime.timedelta(seconds=timeout_s)
         groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 

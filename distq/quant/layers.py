@@ -57,7 +57,7 @@ class QuantState:
         self.alpha = float(alpha)
         self.quantize = True
         if self.bits != FULL_PRECISION:  # a layer built at full precision is never quantized
-            self.quantizer.check_bits(self.bits, f"{self.role} bits")
+            self.quantizer.check_bits(self.bits, f"{self.role} bits", self.role)
             self.quantizer.attach(self, self.role)
 
     @property

@@ -100,8 +100,13 @@ def test_lsq_rescales_its_step_when_the_controller_changes_bits():
 def test_lsq_refuses_one_bit_naming_the_key():
     from distq.config import load_config
 
-    with pytest.raises(Exception, match=r"quant.w_bits=1: quant.method=lsq is defined for 2..8 bits"):
+    with pytest.raises(Exception, match=r"quant.w_bits=1: method lsq defines weights of 2..8 bits \(or 32\)"):
         load_config(None, ["quant.method=lsq", "quant.w_bits=1", "quant.a_bits=2"])
+    with pytest.raises(Exception, match=r"quant.a_bits=1: method pact defines activations of 2..8 bits"):
+        load_config(None, ["quant.method=pact", "quant.w_bits=1", "quant.a_bits=1"])
+    load_config(None, ["quant.method=pact", "quant.w_bits=1", "quant.a_bits=2"])  # binary DoReFa weights
+    with pytest.raises(Exception, match=r"guided student 'student_w1a2' trains at 1 bits, but method lsq defines weights"):
+        load_config(None, ["quant.method=lsq", "guided.students=[{w_bits: 1, a_bits: 2}]"])
 
 
 def test_calibration_sets_the_papers_initial_steps_and_leaves_batchnorm_alone():

@@ -86,8 +86,8 @@ class QuantMethod:
 
     key: ClassVar[str]
     config_class: ClassVar[type | None] = None
-    min_bits: ClassVar[int] = 1
-    """The lowest bit-width the method defines."""
+    min_bits: ClassVar[dict[str, int]] = {WEIGHT: 1, ACT: 1}
+    """The lowest bit-width the method defines, for weights and for activations."""
     edits_weights: ClassVar[bool] = False
     """Whether ``after_step`` changes latent weights (the engine then refreshes its copies)."""
     mixes_alpha: ClassVar[bool] = False
@@ -103,10 +103,19 @@ class QuantMethod:
     def __repr__(self) -> str:
         return self.key
 
-    def check_bits(self, bits: int, what: str) -> None:
+    @classmethod
+    def bits_refusal(cls, role: str, bits: int) -> str | None:
+        """Why ``bits`` is not a bit-width this method defines for ``role``, or None."""
+        low = cls.min_bits[role]
+        if bits >= low:
+            return None
+        return f"method {cls.key} defines {'weights' if role == WEIGHT else 'activations'} of {low}..8 bits (or 32)"
+
+    def check_bits(self, bits: int, what: str, role: str) -> None:
         """Refuse a bit-width the method does not define, naming the key that asked for it."""
-        if bits < self.min_bits:
-            raise Unsupported(f"{what}={bits}: quant.method={self.key} is defined for {self.min_bits}..8 bits (or 32)")
+        refusal = self.bits_refusal(role, bits)
+        if refusal:
+            raise Unsupported(f"{what}={bits}: {refusal}")
 
     # --- training -------------------------------------------------------------------------------
 

@@ -149,7 +149,7 @@ STEP = {WEIGHT: "weight_step", ACT: "act_step"}
 class Lsq(QuantMethod):
     key = "lsq"
     config_class = LsqConfig
-    min_bits = 2
+    min_bits = {WEIGHT: 2, ACT: 2}
     learnable = tuple(STEP.values())
     calibrated = True
 
@@ -177,13 +177,13 @@ class Lsq(QuantMethod):
         return 1.0 / math.sqrt(per_step * self._range(role, bits)[1])
 
     def weight(self, layer: nn.Module, w: Tensor, bits: int) -> Tensor:
-        self.check_bits(bits, "weight bits")
+        self.check_bits(bits, "weight bits", WEIGHT)
         step = self.step(layer, WEIGHT, bits)
         per_step = w.numel() // max(step.numel(), 1)
         return lsq_quant(w, step, *weight_range(bits), self._grad_factor(WEIGHT, w, bits, per_step))
 
     def act(self, layer: nn.Module, x: Tensor, bits: int) -> Tensor:
-        self.check_bits(bits, "activation bits")
+        self.check_bits(bits, "activation bits", ACT)
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
         return lsq_quant(x, self.step(layer, ACT, bits), *act_range(bits), self._grad_factor(ACT, x, bits, per_sample))
 

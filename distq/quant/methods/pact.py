@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from distq.quant.methods.base import ACT, ActCodes, IntActivation, register
+from distq.quant.methods.base import ACT, WEIGHT, ActCodes, IntActivation, register
 from distq.quant.methods.dorefa import DoReFa, levels
 
 
@@ -109,6 +109,9 @@ class Pact(DoReFa):
     key = "pact"
     config_class = PactConfig
     learnable = ("act_clip",)
+    min_bits = {WEIGHT: 1, ACT: 2}
+    """1-bit activations are refused: the paper defines 2 bits and up, and from its start alpha = 10
+    a 1-bit activation is 0 below 5, which silences a batch-normalised network entirely."""
 
     def attach(self, layer: nn.Module, role: str) -> None:
         if role == ACT:
