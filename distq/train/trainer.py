@@ -28,6 +28,7 @@ from distq.errors import DistqError, SaidByRankZero
 from distq.models.team import build_team, main_model_name
 from distq.progress import Progress
 from distq.quant.calibrate import calibrate, needs_calibration
+from distq.quant.functional import FULL_PRECISION
 from distq.quant.layers import QAct, quant_layers
 from distq.train import run_dir
 from distq.train.checkpointing import Checkpointing, resume_layout
@@ -348,7 +349,8 @@ class Trainer:
                     r.zero_()
                 self.log.scalar("train/loss", values[self.main], self.step)
                 if len(values) > 1:
-                    self.log.scalars({f"train/loss/{name}": v for name, v in values.items()}, self.step)
+                    for name, v in values.items():
+                        self.log.model_scalars(name, {"train/loss": v}, self.step)
                 self.log.scalar("lr", self.cfg.train.lr * factor, self.step)
                 self.log.scalars(self.controller.scalars(), self.step)
                 bar.set_postfix(loss=f"{values[self.main]:.3f}")
@@ -396,12 +398,12 @@ class Trainer:
         self.log.scalars({"val/top1": main["top1"], "val/top5": main["top5"], "val/loss": main["loss"]}, self.step)
         if len(metrics) > 1:
             for name, m in metrics.items():
-                self.log.scalars({f"val/top1/{name}": m["top1"], f"val/top5/{name}": m["top5"]}, self.step)
+                self.log.model_scalars(name, {"val/top1": m["top1"], "val/top5": m["top5"], "val/loss": m["loss"]}, self.step)
         for member in self.team:
-            prefix = "bits" if len(self.team) == 1 else f"bits/{member.name}"
-            for layer_name, layer in quant_layers(member.model):
-                kind = "a" if isinstance(layer, QAct) else "w"
-                self.log.scalar(f"{prefix}/{kind}/{layer_name}", layer.bits, self.step)
+            layers = [(name, layer) for name, layer in quant_layers(member.model)]
+            if any(layer.bits != FULL_PRECISION for _, layer in layers):  # a full-precision guide has no table
+                rows = [(name, "activation" if isinstance(layer, QAct) else "weight", str(layer.bits), layer.method) for name, layer in layers]
+                self.log.table_if_changed(f"bits/{member.name}", rows, ("layer", "quantizes", "bits", "method"), self.step)
         perf = self.perf()
         self.log.scalars({f"perf/{k}": v for k, v in perf.items()}, self.step)
         self.log.flush()

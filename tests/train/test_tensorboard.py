@@ -21,7 +21,7 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def events(tiny_run):
-    accumulator = EventAccumulator(str(tiny_run / "tb"), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(tiny_run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     accumulator.Reload()
     return accumulator
 
@@ -54,21 +54,24 @@ def test_loss_accuracy_and_lr_scalars(tiny_run, events):
     assert dict(values(events, "lr")) == pytest.approx(expected, rel=1e-6)
 
 
-def test_bit_width_scalars(tiny_run, events):
+def test_bit_widths_are_one_table_written_when_they_change(tiny_run, events):
+    """No scalar series per layer: the per-layer bit-widths are a text table (written at the first
+    epoch end; the second epoch changes nothing, so there is no second one)."""
     tags = set(events.Tags()["scalars"])
+    assert not any(t.startswith("bits") for t in tags), sorted(tags)
+    assert len(tags) < 12, sorted(tags)
+    (tag,) = [t for t in events.Tags()["tensors"] if t.startswith("bits/")]
+    assert tag == "bits/model/text_summary"
+    (entry,) = events.Tensors(tag)
+    assert entry.step == STEPS_PER_EPOCH
+    text = entry.tensor_proto.string_val[0].decode()
     model = build_model(ModelConfig(arch="resnet18", width=4, small_input=True), QuantConfig(w_bits=2, a_bits=3), 10)
-    layers = dict(quant_layers(model))
-    weights = {f"bits/w/{name}" for name, layer in layers.items() if not isinstance(layer, QAct)}
-    activations = {f"bits/a/{name}" for name, layer in layers.items() if isinstance(layer, QAct)}
-    assert "bits/w/layer1.0.conv1" in weights and "bits/a/layer1.0.act_out" in activations
-    assert {t for t in tags if t.startswith("bits/w/")} == weights
-    assert {t for t in tags if t.startswith("bits/a/")} == activations
-    for tag in weights:
-        assert values(events, tag) == [(s, 2.0) for s in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)], tag
-    for tag in activations:
-        assert values(events, tag) == [(s, 3.0) for s in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)], tag
-    # The layers kept in full precision are not quantized layers and have no bit-width tag.
-    assert "bits/w/fc" not in tags and "bits/w/conv1" not in tags and "bits/a/layer4.1.act_out" not in tags
+    rows = {line for line in text.splitlines()[2:]}
+    want = {f"| {name} | {'activation' if isinstance(layer, QAct) else 'weight'} | {3 if isinstance(layer, QAct) else 2} | dorefa |"
+            for name, layer in quant_layers(model)}
+    assert rows == want
+    # The layers kept in full precision are not quantized layers and have no row.
+    assert "| fc |" not in text and "| conv1 |" not in text and "| layer4.1.act_out |" not in text
 
 
 def test_results_json_and_checkpoints(tiny_run, events):
@@ -93,3 +96,22 @@ def test_results_json_and_checkpoints(tiny_run, events):
     extra = state["models"]["model"]["layer1.0.conv1._extra_state"]
     assert extra["bits"] == 2 and extra["method"] == "dorefa"
     assert state["models"]["model"]["layer1.0.act_out._extra_state"]["bits"] == 3
+
+
+def test_a_guided_run_opens_on_loss_and_accuracy_with_each_model_overlaid(tmp_path, run_distq, tiny_args):
+    """Read with TensorBoard's own reader: no per-layer series at all (the full-precision guide has
+    no bit-width table either), fewer scalar tags than the student has quantized layers, and each
+    model's loss and accuracy under the same tags in its own folder, so they overlay."""
+    run_dir = tmp_path / "guided"
+    proc = run_distq(*tiny_args(run_dir, "train.epochs=1", "train.warmup_epochs=0", config="digits_resnet18_w4a4_guided.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    root = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    root.Reload()
+    tags = set(root.Tags()["scalars"])
+    student_layers = sum(1 for _ in quant_layers(build_model(ModelConfig(arch="resnet18", width=4), QuantConfig(w_bits=4, a_bits=4), 10)))
+    assert len(tags) < student_layers and {"train/loss", "val/top1", "lr"} <= tags, sorted(tags)
+    assert [t for t in root.Tags()["tensors"] if t.startswith("bits/")] == ["bits/student_w4a4/text_summary"]
+    for model in ("guide", "student_w4a4"):
+        per_model = EventAccumulator(str(run_dir / "tb" / model), size_guidance={"scalars": 0})
+        per_model.Reload()
+        assert {"train/loss", "val/top1", "val/top5", "val/loss"} == set(per_model.Tags()["scalars"]), model
