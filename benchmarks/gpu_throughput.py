@@ -5,9 +5,9 @@
 
 Needs a CUDA GPU: without one it says so and exits with status 2, measuring nothing.
 
-Every variant trains through distq's own step (``Trainer.train_step`` on a one-process
-``TorchEngine`` with its CUDA defaults: bf16 autocast, channels-last batches, SGD over the
-team's parameter groups), exactly as ``distq train`` trains:
+Every variant trains through the trainer's own step (``distq.train.step.build_step`` on one
+process, with the CUDA defaults: bf16 autocast, channels-last batches, the precision
+controller's events, SGD over the team's parameter groups), exactly as ``distq train`` trains:
 
 - ``FP``: the network at 32 bits (``quantize_model`` at full precision, as a guide is built);
 - ``W4A4``, ``W2A2``, ``W1A1``: quantized weights and activations (first conv, last linear, final
@@ -40,20 +40,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 
 from distq.config import config_from_dict
+from distq.controller import Clock
 from distq.data.order import BatchLayout
-from distq.distributed.engine import TeamModule, TorchEngine
 from distq.distributed.env import DistEnv
-from distq.models.team import build_team
-from distq.train.compiling import compile_models
-from distq.train.optim import build_optimizer, param_groups
-from distq.train.team import build_objective
-from distq.train.trainer import Trainer
+from distq.train.step import build_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import REPORT, context_lines, write_section  # noqa: E402
@@ -74,27 +68,28 @@ VARIANTS = {
 
 
 def make_step(variant: str, arch: str, kernels: str = "auto", compile_models_too: bool = False):
-    """distq's train_step for one variant; returns it and the engine's device."""
+    """The trainer's step of one variant (``build_step``, one process); returns it and the engine's device."""
     quant = {**VARIANTS[variant].get("quant", {}), "kernels": kernels}
     cfg = config_from_dict(
         {
             "model": {"arch": arch},
-            "train": {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+            "train": {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4, "compile": compile_models_too},
             "dist": {"engine": "torch", "bf16": True},
             **VARIANTS[variant],
             "quant": quant,
         }
     )
     torch.manual_seed(0)
-    team = build_team(cfg, 1000)
-    models = nn.ModuleDict({m.name: m.model for m in team})
-    if compile_models_too:
-        compile_models(models, torch.device("cuda" if torch.cuda.is_available() else "cpu"), one_process=True)
-    groups = [g for m in team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
-    engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv(), BatchLayout(cfg.data.batch_size))
-    engine.team.train()
-    trainer = SimpleNamespace(engine=engine, objective=build_objective(cfg, team), tap=None)
-    return (lambda images, labels: Trainer.train_step(trainer, images, labels)), engine.device
+    step = build_step(cfg, 1000, Clock(1, 1), BatchLayout(cfg.data.batch_size), DistEnv())
+    step.engine.team.train()
+
+    def run(images, labels):
+        step.start(0)
+        losses = step(images, labels)
+        step.finish(0)
+        return losses
+
+    return run, step.engine.device
 
 
 def batches(args, device: torch.device):

@@ -2,10 +2,10 @@
 
     python benchmarks/guided_step.py [--arch resnet18] [--batch 8] [--size 224] [--rounds 5] [--threads 1]
 
-The guided step is distq's own: ``Trainer.train_step`` on a one-process ``TorchEngine``,
-with the team, the mutual-distillation objective and the one optimizer that a guided config
-builds (``build_team``, ``build_objective``, ``param_groups`` + ``build_optimizer``): a
-full-precision guide and W4A4 and W2A2 students, students initialised from the guide. The
+The guided step is distq's own: the trainer's step as ``distq.train.step.build_step`` assembles
+it for a guided config on one process (team, mutual-distillation objective, precision controller
+and its events, one optimizer over all parameter groups, the engine): a full-precision guide and
+W4A4 and W2A2 students, students initialised from the guide. The
 baseline is the same three networks stepped separately, each with its own optimizer and
 plain cross-entropy; the target is guided <= 1.05x the sum of the three. Both are timed
 round-robin in this process on one fixed random batch; the ratio is the median over rounds
@@ -19,20 +19,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from distq.config import config_from_dict
+from distq.controller import Clock
 from distq.data.order import BatchLayout
-from distq.distributed.engine import TeamModule, TorchEngine
 from distq.distributed.env import DistEnv
 from distq.models.team import build_team
 from distq.train.optim import build_optimizer, param_groups
-from distq.train.team import build_objective
-from distq.train.trainer import Trainer
+from distq.train.step import build_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import REPORT, context_lines, set_threads, time_interleaved, write_section  # noqa: E402
@@ -53,16 +50,24 @@ def guided_config(arch: str):
     )
 
 
+def guided_train_step(cfg, classes: int, batch: int):
+    """The trainer's step of a guided config (``build_step``), on one process, without data loaders,
+    from the weights a run of ``cfg`` starts from."""
+    torch.manual_seed(cfg.seed)
+    step = build_step(cfg, classes, Clock(1, 1), BatchLayout(batch), DistEnv())
+    step.engine.team.train()
+    return step
+
+
 def guided_step(cfg, classes: int, images: torch.Tensor, labels: torch.Tensor):
-    """distq's ``Trainer.train_step`` on the objects a guided Trainer holds (no data loaders)."""
-    torch.manual_seed(0)
-    team = build_team(cfg, classes)
-    models = nn.ModuleDict({m.name: m.model for m in team})
-    groups = [g for m in team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
-    engine = TorchEngine(TeamModule(models, nn.ModuleDict()), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, DistEnv(), BatchLayout(cfg.data.batch_size))
-    engine.team.train()
-    trainer = SimpleNamespace(engine=engine, objective=build_objective(cfg, team), tap=None)
-    return lambda: Trainer.train_step(trainer, images, labels)
+    step = guided_train_step(cfg, classes, images.shape[0])
+
+    def run():
+        step.start(0)
+        step(images, labels)
+        step.finish(0)
+
+    return run
 
 
 def separate_steps(cfg, classes: int, images: torch.Tensor, labels: torch.Tensor):
@@ -120,7 +125,7 @@ def main() -> None:
     lines = [
         *context_lines(command, threads, load_before),
         f"- What: {args.arch}, full-precision guide + {students} students, one fixed random batch of {args.batch} images "
-        f"{args.size}x{args.size}, {args.classes} classes. Guided: distq's `Trainer.train_step` (one forward of each model, "
+        f"{args.size}x{args.size}, {args.classes} classes. Guided: the trainer's step (`build_step`: one forward of each model, "
         f"MutualDistillation losses, one backward of their sum, one SGD step over all parameters). Separate: each network "
         f"alone, cross-entropy, its own SGD step, one after another. Median over {args.rounds} interleaved rounds of the "
         f"per-round ratio.",

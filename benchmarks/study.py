@@ -146,7 +146,7 @@ QUANTIZER_SETTINGS = (
     "2 mean|v| / sqrt(Q_P) from the weights and the first training batch, gradient scale 1 / sqrt(N Q_P), no weight "
     "decay on the steps. PACT (`quant.method=pact`) learns one clipping level per activation from the paper's 10, with "
     "its L2 penalty 2e-4 as weight decay, and DoReFa weights. Both are defined from 2 bits (PACT's activations; at 1 "
-    "bit and alpha 10 every activation is 0 and the first step diverges), so neither has W1A1 cells. "
+    "bit and alpha 10 every activation is 0 and the first step diverges), so this study has no W1A1 column. "
     "PQ with LSQ is the PQ recipe (8 -> 4, 8 -> 4 -> 2) with quant.method=lsq: each layer's step is learned at the "
     "target bits and rescaled by sqrt(Q_P(target) / Q_P(b)) while the layer runs at b bits. Guided with LSQ: the FP "
     "guide and an LSQ student (guided.students[].method=lsq). The direct and full-precision rows are the DoReFa "
@@ -197,7 +197,7 @@ PROTOCOLS = {
     "scratch": Protocol("scratch", BITS, METHODS, SECTION, "study"),
     "finetune": Protocol("finetune", FINETUNE_BITS, FINETUNE_METHODS, FINETUNE_SECTION, "study_finetune", True),
     # The finetune protocol's runs, other methods: same runs directory, so fp and direct are shared.
-    "quantizers": Protocol("quantizers", FINETUNE_BITS, QUANTIZER_METHODS, QUANTIZERS_SECTION, "study_finetune", True),
+    "quantizers": Protocol("quantizers", (4, 2), QUANTIZER_METHODS, QUANTIZERS_SECTION, "study_finetune", True),
 }
 
 
@@ -505,6 +505,16 @@ def claims(table: dict, methods: list[Method], bits_list: tuple[int, ...]) -> li
     return rows
 
 
+def duration(runs: list[Run], results: list[dict], elapsed: float) -> str:
+    """How long the study took, saying which runs an earlier invocation trained (same command line)."""
+    cached = sum(1 for r in results if r.get("cached"))
+    if not cached:
+        return f"the whole study took {elapsed / 60:.0f} min for {len(runs)} runs, one after the other."
+    trained = sum(r["wall_s"] for r in results) / 60
+    return (f"{len(runs)} runs, {cached} of them trained by an earlier invocation of the same command lines (their "
+            f"results reused); training all of them took {trained:.0f} min of wall time, one after the other.")
+
+
 def finetune_report(args, runs: list[Run], results: list[dict], started: datetime, elapsed: float, load: tuple) -> str:
     protocol = PROTOCOLS[args.protocol]
     bits_list = protocol.bits
@@ -546,11 +556,12 @@ def finetune_report(args, runs: list[Run], results: list[dict], started: datetim
         "The papers' protocol: every low-bit network starts from a trained full-precision one. Per seed, the "
         f"full-precision ResNet-18 (width {args.width}) is trained once on the embedded digits (`digits_fp.yaml`, "
         f"{args.epochs} epochs, the scratch study's settings), and every method fine-tunes from that checkpoint for "
-        f"{args.finetune_epochs} epochs with its `digits_*_finetune.yaml` recipe, at W4A4, W2A2 and W1A1, seeds "
+        f"{args.finetune_epochs} epochs with its `digits_*_finetune.yaml` recipe, at "
+        f"{', '.join(f'W{b}A{b}' for b in bits_list[:-1])} and W{bits_list[-1]}A{bits_list[-1]}, seeds "
         f"0..{args.seeds - 1}. Final val top-1 as mean ± sample std over the seeds; CPU time (user + system, process "
         "start to exit) per fine-tuning run, without the pretraining, which is counted once per seed below.",
         "",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC; the whole study took {elapsed / 60:.0f} min for {len(runs)} runs, one after the other.",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC; {duration(runs, results, elapsed)}",
         f"- Code: {code_version()}.",
         f"- Machine: {machine()}; {args.threads} intra-op thread(s) per run, data.workers=0. "
         f"Load average {load[0]:.1f} before, {load[1]:.1f} after.",

@@ -41,7 +41,7 @@ class PrecisionController:
         if self.drives_models:
             for policy in self.policies:
                 policy.bind(self.students)
-            self.method_edits = [l for s in self.students for _, l in quant_layers(s.model) if l.quantizer.edits_weights]
+            self.method_edits = [layer for s in self.students for _, layer in quant_layers(s.model) if layer.quantizer.edits_weights]
         self.current = self.precision_at(0)
 
     # --- decisions (pure) -----------------------------------------------------------------

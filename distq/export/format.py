@@ -10,7 +10,9 @@ Layout (all of it standard safetensors, so any safetensors reader can list the t
 The distq header says everything needed to run the model without its training config::
 
     format      "distq.export"
-    version     FORMAT_VERSION; a reader refuses files newer than itself
+    version     the oldest format version that reads the file right: 1, or 2 when a layer's
+                quantizer method is newer than format 1 (LSQ, PACT: ``QuantMethod.export_version``);
+                a reader refuses files newer than itself (FORMAT_VERSION)
     model       the model config (arch, width, small_input, num_classes)
     quant       the quantizer config the model was trained with (for the record)
     preprocess  image_size, val_crop_ratio, mean, std of the validation transform
@@ -42,7 +44,8 @@ import torch
 from distq.errors import DistqError
 
 FORMAT = "distq.export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this distq reads: 2 added the methods whose integers format 1 does not know (LSQ, PACT)."""
 METADATA_KEY = "distq"
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -110,10 +113,19 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def file_version(header: dict) -> int:
+    """The oldest format version whose readers read every layer of ``header`` right, so that an
+    older distq refuses a file it would misread and still reads the files it can."""
+    from distq.quant.methods import method_class, method_keys
+
+    methods = {record["method"] for record in header.get("layers", {}).values() if "method" in record}
+    return max([1] + [method_class(m).export_version for m in methods if m in method_keys()])
+
+
 def to_bytes(export: ExportFile) -> bytes:
     from safetensors.torch import save
 
-    header = {**export.header, "format": FORMAT, "version": FORMAT_VERSION, "sha256": tensor_digest(export.tensors)}
+    header = {**export.header, "format": FORMAT, "version": file_version(export.header), "sha256": tensor_digest(export.tensors)}
     tensors = {name: t.contiguous() for name, t in export.tensors.items()}
     return save(tensors, metadata={METADATA_KEY: json.dumps(header)})
 

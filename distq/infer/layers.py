@@ -22,7 +22,7 @@ GEMM's output) when ``native`` is set, else the torch reference kernels of
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

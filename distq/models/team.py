@@ -26,10 +26,10 @@ class Member:
     a_bits: int
     """Target activation bit-width."""
     lr: float
-    method: str | None = None
-    """Its quantizer method; None: quant.method."""
     model: nn.Module | None = None
     """The network; None in a roster (names and bits only)."""
+    method: str | None = None
+    """Its quantizer method; None: quant.method."""
 
     @property
     def is_guide(self) -> bool:
@@ -42,7 +42,7 @@ def roster(cfg: DistqConfig) -> list[Member]:
         return [Member(SINGLE, cfg.quant.w_bits, cfg.quant.a_bits, cfg.train.lr)]
     g = cfg.guided
     guide = Member(GUIDE, FULL_PRECISION, FULL_PRECISION, g.guide_lr or cfg.train.lr)
-    return [guide] + [Member(s.name, s.w_bits, s.a_bits, g.student_lr or cfg.train.lr, s.method) for s in g.students]
+    return [guide] + [Member(s.name, s.w_bits, s.a_bits, g.student_lr or cfg.train.lr, method=s.method) for s in g.students]
 
 
 def copy_weights(src: nn.Module, dst: nn.Module) -> None:

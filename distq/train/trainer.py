@@ -18,34 +18,30 @@ import yaml
 
 from distq.checkpoint import FORMAT_VERSION, CheckpointError, Found, atomic_write, checkpoint_dir, load_tensors, load_weights
 from distq.config import DistqConfig, config_from_dict, to_dict
-from distq.controller import Clock, Event, PrecisionController
+from distq.controller import Clock, Event
 from distq.data import build_loaders
 from distq.data.bundle import epoch_seed
 from distq.data.order import configured_layout
-from distq.distributed import TeamModule, build_engine, detect
-from distq.distributed.engine import gather_objects, join_process_group, use_device
+from distq.distributed import detect
+from distq.distributed.engine import gather_objects, join_process_group
 from distq.errors import DistqError, SaidByRankZero
-from distq.models.team import build_team, main_model_name
 from distq.progress import Progress
-from distq.quant.calibrate import calibrate, needs_calibration
+from distq.quant.calibrate import needs_calibration
 from distq.quant.functional import FULL_PRECISION
 from distq.quant.layers import QAct, quant_layers
 from distq.train import run_dir
 from distq.train.checkpointing import Checkpointing, resume_layout
-from distq.train.compiling import compile_models
 from distq.train.evaluation import evaluate_counts, metrics_from_counts
 from distq.train.faults import TrainingFaults
 from distq.train.nonfinite import NonFiniteGuard
-from distq.train.optim import build_optimizer, param_groups
 from distq.train.preemption import Preempted, PreemptionFlag
 from distq.train.resume_config import config_changes
 from distq.train.run_lock import RunLock
 from distq.train.sample_log import SampleLog, next_start
 from distq.train.schedule import lr_factor
+from distq.train.step import AUX_GROUP, build_step
 from distq.train.tb import ScalarLog
-from distq.train.team import FeatureTap, build_objective
 
-AUX_GROUP = "aux:"
 MEASURED_KEYS = ("wall_time_s", "train_images_per_s", "max_memory_gib")
 """Keys of results.json that are timings or memory, not results: they differ from run to run."""
 
@@ -81,20 +77,9 @@ class Trainer:
         self.data = build_loaders(cfg.data, cfg.seed, self.layout, self.env.rank)
         self.steps_per_epoch = len(self.data.train) // self.layout.grad_accum
         self.clock = Clock(self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
-        self.team = build_team(cfg, len(self.data.classes))
-        self.models = nn.ModuleDict({m.name: m.model for m in self.team})
-        self.main = main_model_name(self.team)
-        self.objective = build_objective(cfg, self.team)
-        self.tap = FeatureTap(self.team, cfg.guided.hint.layer) if cfg.guided and cfg.guided.hint else None
-        self.controller = PrecisionController(cfg, self.clock, self.team)
-        groups = [g for m in self.team for g in param_groups(m.model, m.lr, cfg.train.weight_decay, m.name)]
-        for name, params in self.controller.aux_parameters().items():
-            groups.append({"params": params, "weight_decay": cfg.train.weight_decay, "base_lr": cfg.train.lr, "model": AUX_GROUP + name})
-        extra = nn.ModuleDict(self.controller.aux)
-        if cfg.train.compile:
-            compile_models(self.models, use_device(self.env), self.env.world == 1)
-        self.engine = build_engine(TeamModule(self.models, extra), build_optimizer(groups, cfg.train), cfg.train, cfg.dist, self.layout, self.env)
-        self.controller.when_aux_removed(lambda: self.engine.freeze_groups(AUX_GROUP))
+        self.parts = build_step(cfg, len(self.data.classes), self.clock, self.layout, self.env)
+        parts = self.parts
+        self.team, self.models, self.main, self.controller, self.engine = parts.team, parts.models, parts.main, parts.controller, parts.engine
         self.epoch = 0  # completed epochs
         self.step = 0  # completed optimizer steps (the epoch's own: step - epoch * steps_per_epoch)
         self.history: list[dict] = []
@@ -104,7 +89,7 @@ class Trainer:
         self.faults = TrainingFaults()
         self.speed = 0.0  # training images/s of the last epoch, all ranks together
         self.guard = NonFiniteGuard(cfg.train, list(self.engine.team.buffers()))
-        self.grad_norm: float | None = None  # of the last optimizer step
+        parts.on_loss = self.guard.add_loss
         self.wall_time_before = 0.0  # training time of the runs this one resumes
         self.started: float | None = None  # when this process started training (perf_counter)
         self.calibrate_first_batch = self.found is None and needs_calibration(self.models.values())
@@ -319,7 +304,7 @@ class Trainer:
             if i % accum == 0:
                 factor = lr_factor(self.step, self.steps_per_epoch, self.cfg.train)
                 self.engine.set_lr(factor)
-                self.controller.on_event(Event.BATCH_START, self.step)
+                self.parts.start(self.step)
                 self.guard.start_step()
             self.samples.write(epoch, self.step, indices)
             if self.calibrate_first_batch:
@@ -331,15 +316,13 @@ class Trainer:
                 running[name] += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) / accum
             if not boundary:
                 continue
-            if not self.guard.end_step(epoch + 1, self.step + 1, self.grad_norm, self.engine.any_rank):
+            if not self.guard.end_step(epoch + 1, self.step + 1, self.parts.grad_norm, self.engine.any_rank):
                 self.log.scalar("train/skipped_steps", self.guard.skipped, self.step + 1)
                 self.say(
                     f"epoch {epoch + 1}, step {self.step + 1}: non-finite loss or gradients: step skipped "
                     f"({self.guard.skipped} so far, {self.guard.in_a_row} in a row)"
                 )
-            self.controller.on_event(Event.AFTER_STEP, self.step)
-            if self.controller.edits_weights:
-                self.engine.weights_changed()
+            self.parts.finish(self.step)
             self.step += 1
             loss_logged = self.step % every == 0 or self.epoch_step == self.steps_per_epoch
             if loss_logged:
@@ -369,28 +352,13 @@ class Trainer:
         self.speed = images / max(time.perf_counter() - started, 1e-9)
 
     def calibrate(self, images: torch.Tensor) -> None:
-        images = images.to(self.engine.device, memory_format=self.engine.memory_format)
-        count = calibrate(self.models.values(), images, self.engine.all_reduce_sum)
-        self.engine.weights_changed()
+        count = self.parts.calibrate(images)
         self.calibrate_first_batch = False
         self.say(f"quantizer parameters of {count} layers initialised from the first training batch")
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, boundary: bool = True) -> dict[str, torch.Tensor]:
-        """Forward and backward of every model on the same micro-batch; the optimizer steps
-        on the accumulation boundary. Returns each model's loss."""
-        device = self.engine.device
-        images = images.to(device, non_blocking=True, memory_format=self.engine.memory_format)
-        labels = labels.to(device, non_blocking=True)
-        with self.engine.autocast():
-            logits = self.engine.forward(images)
-            losses = self.objective(logits, labels, self.tap.features if self.tap else None)
-        total = torch.stack(list(losses.values())).sum()
-        guard = getattr(self, "guard", None)
-        if guard is not None:
-            guard.add_loss(total)
-        self.engine.backward(total)
-        self.grad_norm = self.engine.step(boundary)
-        return {name: loss.detach() for name, loss in losses.items()}
+        """One micro-batch of the step (``distq.train.step.TrainStep``)."""
+        return self.parts(images, labels, boundary)
 
     def end_epoch(self, epoch: int, metrics: dict[str, dict], elapsed: float) -> None:
         self.epoch = epoch + 1

@@ -62,7 +62,7 @@ def sample_file(tmp_path):
 
 def test_round_trip_keeps_header_and_tensors(sample_file):
     loaded = read_export(sample_file)
-    assert loaded.header["version"] == FORMAT_VERSION
+    assert loaded.header["version"] == 1  # no layer needs a newer reader (file_version)
     assert loaded.header["classes"] == ["a", "b"]
     for name, tensor in _sample().tensors.items():
         assert torch.equal(loaded.tensors[name], tensor)
@@ -159,3 +159,15 @@ def test_unpack_checks_the_packed_shape():
 def test_to_bytes_and_from_bytes_agree():
     export = _sample()
     assert from_bytes(to_bytes(export)).header["layers"] == {}
+
+
+def test_a_file_says_the_oldest_format_that_reads_it_right():
+    """Format 1 readers know DoReFa and AQE integers only: a file with an LSQ or PACT layer is
+    version 2 (so they refuse it instead of misreading it), any other stays version 1."""
+    from distq.export.format import FORMAT_VERSION, file_version
+
+    def header(*methods):
+        return {"layers": {f"l{i}": {"op": "act", "bits": 4, "method": m} for i, m in enumerate(methods)}}
+
+    assert file_version(header("relu", "dorefa", "aqe")) == 1
+    assert file_version(header("dorefa", "lsq")) == file_version(header("pact")) == 2 == FORMAT_VERSION

@@ -12,6 +12,7 @@ val images, logits close; in float64 the engine computes every activation intege
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -85,6 +86,24 @@ def learned_parameters(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("weight_step", "act_step", "act_clip")]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread, as the CLI runs of the test suite: on a small shared machine two
+    threads per process cost more in waiting than they gain (training here takes seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def single_threaded():
+    with one_thread():
+        yield
+
+
 # --- the digits models ----------------------------------------------------------------------
 
 
@@ -108,13 +127,18 @@ def _train(model: nn.Module, images, labels, steps: int, lr: float, seed: int = 
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
+    with one_thread():
+        _steps(model, optimizer, images, labels, steps, generator)
+    return model.eval()
+
+
+def _steps(model, optimizer, images, labels, steps, generator) -> None:
     for _ in range(steps):
         batch = torch.randint(0, len(images), (64,), generator=generator)
         loss = F.cross_entropy(model(images[batch]), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="session")

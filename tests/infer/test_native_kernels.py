@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from distq.infer.bitops import PlaneCode, conv_weight_rows, im2col, int_dot, pack_weight
 from distq.infer.layers import channel_affine
-from distq.quant.methods.dorefa import unit_values as dorefa_values
 from distq.infer.native import ops
 from distq.native.library import load, on_every_isa
+from distq.quant.methods.dorefa import unit_values as dorefa_values
 
 pytestmark = pytest.mark.skipif(load() is None, reason="native kernels unavailable (no C++ compiler)")
 

@@ -94,6 +94,8 @@ class QuantMethod:
     """Whether the forward mixes alpha h(x) + (1 - alpha) x (``precision.aqe`` schedules alpha)."""
     learnable: ClassVar[tuple[str, ...]] = ()
     """Names of the parameters ``attach`` registers, for messages and pretrained loading."""
+    export_version: ClassVar[int] = 1
+    """The packed-file format version that introduced this method (older readers must refuse its files)."""
     calibrated: ClassVar[bool] = False
     """Whether the learnable parameters start from the first training batch (``calibrate``)."""
 

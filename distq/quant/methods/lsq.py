@@ -152,6 +152,7 @@ class Lsq(QuantMethod):
     min_bits = {WEIGHT: 2, ACT: 2}
     learnable = tuple(STEP.values())
     calibrated = True
+    export_version = 2
 
     def attach(self, layer: nn.Module, role: str) -> None:
         # Shape (1,) for one step: DeepSpeed cannot flatten 0-dim parameters.

@@ -109,6 +109,7 @@ class Pact(DoReFa):
     key = "pact"
     config_class = PactConfig
     learnable = ("act_clip",)
+    export_version = 2
     min_bits = {WEIGHT: 1, ACT: 2}
     """1-bit activations are refused: the paper defines 2 bits and up, and from its start alpha = 10
     a 1-bit activation is 0 below 5, which silences a batch-normalised network entirely."""
