@@ -1,32 +1,74 @@
-"""Evaluate a training checkpoint on a validation split."""
+"""``distq eval``: one evaluation for a training checkpoint, the integer engine and onnxruntime
+alike: the validation split is found and checked one way (class folders or shards, whichever the
+root holds), read through the one validation transform (``distq.data.transforms.val_transform``)
+and counted by the one top-k loop (``distq.models.evaluation``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+
+import torch
+
+from distq.config.schema import DataConfig
 from distq.data import build_val_loader, resolve_root
 from distq.data.bundle import dataset_classes
 from distq.errors import DistqError
+from distq.models.evaluation import metrics_from_counts, model_counts
 from distq.models.team import SINGLE
 from distq.models.trained import load_trained
-from distq.train.evaluation import evaluate
+
+EVAL_BATCH_SIZE = 64
+EVAL_WORKERS = 2
+
+
+def val_split(data: DataConfig, root: str | None = None) -> DataConfig:
+    """``data`` (a run's data config, or one an export's header describes), with ``root`` in place of
+    its own when given: class folders or shards, whichever ``root`` holds."""
+    if root is None:
+        return data
+    from distq.data.shards import is_shards_folder
+
+    return dataclasses.replace(data, root=root, format="shards" if is_shards_folder(root) else "folders")
+
+
+def evaluate(counts_of: Callable[[Iterable], torch.Tensor], classes: list[str], data: DataConfig, what: str) -> dict[str, float]:
+    """Top-1/top-5 (percent), loss and image count on ``data``'s validation split, after checking that
+    the split's classes are ``classes`` in their order (``what`` names the model in messages).
+    ``counts_of(loader)`` counts the hits (``distq.models.evaluation``): ``model_counts`` of a PyTorch
+    model, ``count_hits`` of any images -> logits callable (the integer engine, onnxruntime)."""
+    root = resolve_root(data)
+    check_same_classes(dataset_classes(data, root), classes, f"dataset {str(root)!r}", what)
+    totals = counts_of(build_val_loader(data, root))
+    return {**metrics_from_counts(totals, f"the validation split of {str(root)!r}"), "images": int(totals[3])}
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None) -> dict:
     trained = load_trained(path)
-    cfg = trained.cfg
-    if data_root is not None:  # folders or shards, whichever it is
-        from distq.data.shards import is_shards_folder
-
-        cfg.data.root = data_root
-        cfg.data.format = "shards" if is_shards_folder(data_root) else "folders"
-    root = resolve_root(cfg.data)
-    check_same_classes(dataset_classes(cfg.data, root), trained.classes, f"dataset {str(root)!r}", f"checkpoint {path!r}")
-    loader = build_val_loader(cfg.data, root)
+    data = dataclasses.replace(val_split(trained.cfg.data, data_root), batch_size=EVAL_BATCH_SIZE, workers=EVAL_WORKERS)
     results = {}
     for name in trained.names:
-        metrics = evaluate(trained.model(name), loader)
+        metrics = evaluate(functools.partial(model_counts, trained.model(name)), trained.classes, data, f"checkpoint {path!r}")
         prefix = "val" if name == SINGLE else f"val/{name}"
         results.update({f"{prefix}/top1": metrics["top1"], f"{prefix}/top5": metrics["top5"]})
     return results
+
+
+def export_data(header: dict, data_root: str | None = None) -> DataConfig:
+    """The validation data of an export file: ``data_root``, or the data the model was trained on
+    (its header's ``source``: folders or shards), read as its ``preprocess`` says."""
+    source = header.get("source", {})
+    preprocess = header["preprocess"]
+    trained_on = DataConfig(
+        root=source.get("data_root"),
+        format=source.get("data_format", "folders"),
+        image_size=int(preprocess["image_size"]),
+        val_crop_ratio=float(preprocess["val_crop_ratio"]),
+        batch_size=EVAL_BATCH_SIZE,
+        workers=EVAL_WORKERS,
+    )
+    return val_split(trained_on, data_root)
 
 
 def check_same_classes(data: list[str], trained: list[str], dataset: str, model: str, shown: int = 3) -> None:

@@ -117,7 +117,7 @@ def checkpoint_model(path: str | Path, model_name: str | None = None) -> tuple[n
         "preprocess": _preprocess(cfg.data),
         "classes": classes,
         **_readable_names(cfg.data.root, classes),
-        "source": {"checkpoint": str(path), "model": name, "epoch": state.get("epoch"), "data_root": cfg.data.root},
+        "source": {"checkpoint": str(path), "model": name, "epoch": state.get("epoch"), "data_root": cfg.data.root, "data_format": cfg.data.format},
     }
     return model, header
 
@@ -131,14 +131,9 @@ def _readable_names(data_root: str | None, classes: list[str]) -> dict:
 
 
 def _preprocess(data_cfg) -> dict:
-    from distq.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from distq.data.transforms import preprocess_description
 
-    return {
-        "image_size": data_cfg.image_size,
-        "val_crop_ratio": data_cfg.val_crop_ratio,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
+    return preprocess_description(data_cfg.image_size, data_cfg.val_crop_ratio)
 
 
 # --- from a model -----------------------------------------------------------------------------

@@ -4,12 +4,11 @@ Preprocessing comes from the export file's header (an ONNX file's metadata)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torchvision.transforms as T
-from torch.utils.data import DataLoader
 
 from distq.errors import DistqError
 from distq.infer.engine import IntegerModel, load_engine
@@ -17,23 +16,12 @@ from distq.infer.engine import IntegerModel, load_engine
 if TYPE_CHECKING:
     from distq.infer.onnx_runtime import OnnxModel
 
-EVAL_BATCH_SIZE = 64
-EVAL_WORKERS = 2
 
+def header_transform(preprocess: dict):
+    """The validation transform the model was trained with (``distq.data.transforms``), as the header says."""
+    from distq.data.transforms import val_transform
 
-def val_transform(preprocess: dict) -> T.Compose:
-    """The validation transform the model was trained with, from the header alone."""
-    from distq.data.transforms import val_resize_size
-
-    size = int(preprocess["image_size"])
-    return T.Compose(
-        [
-            T.Resize(val_resize_size(size, float(preprocess["val_crop_ratio"]))),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(preprocess["mean"], preprocess["std"]),
-        ]
-    )
+    return val_transform(int(preprocess["image_size"]), float(preprocess["val_crop_ratio"]))
 
 
 def load_runner(path: str, engine: str = "int"):
@@ -46,32 +34,20 @@ def load_runner(path: str, engine: str = "int"):
 
 
 def evaluate_export(path: str, data_root: str | None = None, engine_name: str = "int") -> dict:
-    """Top-1/top-5 (percent) of the integer engine (or onnxruntime) on ``data_root``'s val
-    split (default: the dataset the model was trained on), and which kernels ran."""
-    from distq.data import class_names, ensure_digits, image_folder
-    from distq.evaluate import check_same_classes
-    from distq.train.metrics import topk_correct
+    """Top-1/top-5 (percent) of the integer engine (or onnxruntime) on ``data_root``'s val split
+    (default: the dataset the model was trained on, folders or shards), and which kernels ran:
+    ``distq.evaluate.evaluate``, as for a checkpoint."""
+    from distq.evaluate import evaluate, export_data
+    from distq.models.evaluation import count_hits
 
     engine = load_runner(path, engine_name)
-    root = Path(data_root or engine.header.get("source", {}).get("data_root") or ensure_digits())
-    check_same_classes(class_names(root), engine.classes, f"dataset {str(root)!r}", f"export file {path!r}")
-    loader = DataLoader(
-        image_folder(root, "val", val_transform(engine.header["preprocess"])),
-        batch_size=EVAL_BATCH_SIZE,
-        num_workers=EVAL_WORKERS,
-    )
-    counts, seen = torch.zeros(2, dtype=torch.long), 0
-    for images, labels in loader:
-        counts += topk_correct(engine(images), labels)
-        seen += labels.numel()
-    if seen == 0:
-        raise DistqError(f"the validation split of {str(root)!r} is empty: put images in ROOT/val/<class>/")
+    metrics = evaluate(functools.partial(count_hits, engine), engine.classes, export_data(engine.header, data_root), f"export file {path!r}")
     return {
         "engine": engine_name,
         "kernels": getattr(engine, "kernels", "onnxruntime"),
-        "val/top1": 100.0 * counts[0].item() / seen,
-        "val/top5": 100.0 * counts[1].item() / seen,
-        "images": seen,
+        "val/top1": metrics["top1"],
+        "val/top5": metrics["top5"],
+        "images": metrics["images"],
     }
 
 
@@ -80,7 +56,7 @@ def predict(engine: IntegerModel | OnnxModel, image_paths: list[str], k: int = 5
     (default: data.max_image_pixels's) is an error naming ``--max-image-pixels``."""
     from distq.data.folder import MAX_PIXELS, load_rgb
 
-    transform = val_transform(engine.header["preprocess"])
+    transform = header_transform(engine.header["preprocess"])
     folders = [p for p in image_paths if Path(p).is_dir()]
     if folders:
         raise DistqError(f"image file {folders[0]!r} is a directory, expected an image file: give the images in it (e.g. {folders[0]}/*.jpg)")

@@ -25,13 +25,13 @@ from distq.data.order import configured_layout
 from distq.distributed import detect
 from distq.distributed.engine import gather_objects, join_process_group
 from distq.errors import DistqError, SaidByRankZero
+from distq.models.evaluation import metrics_from_counts, model_counts
 from distq.progress import Progress
 from distq.quant.calibrate import needs_calibration
 from distq.quant.functional import FULL_PRECISION
 from distq.quant.layers import QAct, quant_layers
 from distq.train import run_dir
 from distq.train.checkpointing import Checkpointing, resume_layout
-from distq.train.evaluation import evaluate_counts, metrics_from_counts
 from distq.train.faults import TrainingFaults
 from distq.train.nonfinite import NonFiniteGuard
 from distq.train.preemption import Preempted, PreemptionFlag
@@ -276,7 +276,7 @@ class Trainer:
             return {"epochs": self.epoch, "steps": self.step}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        totals = evaluate_counts(model, self.data.val, self.engine.device)
+        totals = model_counts(model, self.data.val, self.engine.device)
         return metrics_from_counts(self.engine.all_reduce_sum(totals).cpu())
 
     def train_epoch(self, epoch: int) -> None:
