@@ -8,7 +8,7 @@ STAMP := $(VENV)/.distq-installed
 CONFIG ?= configs/digits_w4a4.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow lint clean
+.PHONY: install train test test-slow lint docs clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements/torch.txt
-	$(BIN)/python -m pip install -q -e '.[dev,deploy]'
+	$(BIN)/python -m pip install -q -e '.[dev,deploy,docs]'
 	$(BIN)/python -m distq.native
 	touch $@
 
@@ -29,6 +29,10 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The user guide (docs/, mkdocs.yml) as a site in site/; a broken link or anchor fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ outside it, and docs/methods.md describes every precision and guided-training ke
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -78,3 +79,31 @@ def test_every_row_of_the_refusals_table_names_a_test_that_exists():
         for file, name in named:
             source = (REPO / "tests" / "mistakes" / file).read_text()
             assert re.search(rf"^def {name}\(", source, re.M), f"{file}::{name} named in README.md does not exist"
+
+
+def _mkdocs_build(root: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(root / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+def test_the_user_guide_builds_strictly(tmp_path):
+    """``make docs``: every page in the nav, no broken link or anchor (a strict build fails on either)."""
+    proc = _mkdocs_build(REPO, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_broken_link_fails_the_strict_build(tmp_path):
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "docs", copy / "docs")
+    shutil.copy(REPO / "mkdocs.yml", copy / "mkdocs.yml")
+    with open(copy / "docs" / "index.md", "a") as f:
+        f.write("\n[nowhere](no-such-page.md)\n")
+    proc = _mkdocs_build(copy, tmp_path)
+    assert proc.returncode != 0 and "no-such-page.md" in proc.stderr
