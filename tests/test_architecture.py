@@ -49,3 +49,8 @@ def test_ruff_checks_every_python_file():
     assert proc.returncode == 0, proc.stderr
     shown = {Path(line.strip()).resolve() for line in proc.stdout.splitlines() if line.strip().endswith(".py")}
     assert shown == python_files("distq", "tests")
+
+
+def test_the_layer_contract_ignores_no_import():
+    """docs/architecture.md says the contract has no exceptions."""
+    assert "ignore_imports" not in (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()

@@ -36,9 +36,7 @@ def test_docs_exist():
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_link_resolves_inside_the_repository(doc):
-    found = links(doc)
-    assert found, f"{doc} has no links"
-    for target in found:
+    for target in links(doc):
         assert "://" not in target and not target.startswith(("/", "mailto:")), f"{doc.name}: {target} leaves the repository"
         path, _, anchor = target.partition("#")
         file = (doc.parent / path).resolve() if path else doc
@@ -62,7 +60,7 @@ def test_methods_reference_names_every_policy_and_guided_key():
     leaves = [k for k in keys if not any(other.startswith(k + ".") for other in keys)]
     missing = [k for k in leaves if f"`{k}`" not in text and k.rsplit(".", 1)[0] + "." not in text]
     assert missing == []
-    for arxiv in ("1606.06160", "1711.00205", "1908.04680", "1905.11781", "2206.12794", "2003.04296"):
+    for arxiv in ("1606.06160", "1711.00205", "1908.04680", "1905.11781", "2206.12794", "2003.04296", "1902.08153", "1805.06085"):
         assert f"arXiv:{arxiv}" in text
 
 
