@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from distq.export.format import ExportError, ExportFile, pack_planes, write_export
+from distq.models.dataflow import conv_bn_pairs
 from distq.quant.functional import FULL_PRECISION
 from distq.quant.layers import QAct, QuantState
 
@@ -144,7 +145,7 @@ def export_model(model: nn.Module, header: dict) -> tuple[ExportFile, ExportSumm
     """The export file of ``model`` (a distq model with its weights loaded); ``header``
     supplies model, preprocess and classes."""
     model = model.eval()
-    folded = conv_bn_pairs(model, header["preprocess"]["image_size"])
+    folded = conv_bn_pairs(model)
     bn_of = {conv: bn for bn, conv in folded.items()}
     modules = dict(model.named_modules())
     layers: dict[str, dict] = {}
@@ -196,46 +197,6 @@ def _count(summary: ExportSummary, record: dict, tensors: dict[str, torch.Tensor
     summary.packed_float32_bytes += 4 * n
     summary.ideal_bytes += n * record["weight_bits"] / 8
     summary.side_bytes += sum(v for k, v in nbytes.items() if k != codes)
-
-
-def conv_bn_pairs(model: nn.Module, image_size: int) -> dict[str, str]:
-    """{batch-norm name: conv name} for every BatchNorm2d that reads a conv's output directly.
-
-    Found by running the model once on a blank image and matching tensors, so the pairing
-    follows the real data flow rather than module names. (In the registered architectures a
-    conv's output feeds nothing but its batch-norm, which is what makes folding exact.)
-    """
-    produced: dict[int, tuple[torch.Tensor, str]] = {}
-    pairs: dict[str, str] = {}
-    hooks = []
-
-    def conv_hook(name):
-        def hook(module, inputs, output):
-            produced[id(output)] = (output, name)  # keep the tensor alive so its id stays unique
-
-        return hook
-
-    def bn_hook(name):
-        def hook(module, inputs, output):
-            source = produced.get(id(inputs[0]))
-            if source is not None:
-                pairs[name] = source[1]
-
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(conv_hook(name)))
-        elif isinstance(module, nn.BatchNorm2d):
-            hooks.append(module.register_forward_hook(bn_hook(name)))
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size))
-    finally:
-        for h in hooks:
-            h.remove()
-    convs = list(pairs.values())
-    return {bn: conv for bn, conv in pairs.items() if convs.count(conv) == 1}
 
 
 def bn_affine(bn: nn.BatchNorm2d | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:

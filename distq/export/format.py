@@ -15,7 +15,9 @@ The distq header says everything needed to run the model without its training co
                 a reader refuses files newer than itself (FORMAT_VERSION)
     model       the model config (arch, width, small_input, num_classes)
     quant       the quantizer config the model was trained with (for the record)
-    preprocess  image_size, val_crop_ratio, mean, std of the validation transform
+    preprocess  the validation transform, complete: image_size, val_crop_ratio, resize and its rule,
+                interpolation, crop, [0, 1] scaling, mean, std, RGB, NCHW
+                (``distq.data.transforms.preprocess_description``, the same in the ONNX exports)
     classes     class names (the dataset's class folders, e.g. ImageNet wnids), in logit order
     class_names optional: readable names in logit order ("tench, Tinca tinca"), from the
                 dataset's table (ROOT/class_names.json or a shards folder's index.json)
@@ -28,6 +30,8 @@ The distq header says everything needed to run the model without its training co
 Quantized weights are stored as bit planes (``pack_planes``): plane j holds bit j of every
 code of the flattened tensor, eight codes per byte, so a k-bit tensor of n weights takes
 k * ceil(n / 8) bytes, k/32 of its float32 size up to the last byte.
+
+docs/format.md is the specification of this format, for readers without distq.
 """
 
 from __future__ import annotations

@@ -12,12 +12,14 @@ A batch-norm whose input is a conv that feeds nothing else is folded into that c
 scale into the weight's scale, its shift into the bias) unless ``fold_bn`` is off, or its
 negative factors cannot go into the weight's integers (``onnx_quant.fold_batchnorm``); the
 full-precision first conv and last linear keep float32 weights. The batch dimension is
-dynamic, the image size is the one the model was trained at.
+dynamic unless ``batch`` fixes it (``distq export --batch N``: tools such as qonnx's
+``cleanup_model`` need every shape static); the image size is the one the model was trained at.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +41,7 @@ from distq.export.onnx_quant import (
     quantized_weight,
     weight_bits,
 )
+from distq.models.dataflow import single_reader
 from distq.quant.functional import FULL_PRECISION
 from distq.quant.layers import QAct, QuantState
 
@@ -88,9 +91,11 @@ class Graph:
         return out
 
 
-def build_graph(model: nn.Module, image_size: int, num_classes: int, writer: QuantWriter, fold_bn: bool = True):
+def build_graph(
+    model: nn.Module, image_size: int, num_classes: int, writer: QuantWriter, fold_bn: bool = True, batch: int | None = None
+):
     """The ONNX ``GraphProto`` of ``model`` (eval mode), input ``images`` (N, 3, S, S) float32,
-    output ``logits`` (N, classes); N is dynamic."""
+    output ``logits`` (N, classes); N is ``batch``, or dynamic (the symbol "batch") when None."""
     from onnx import TensorProto, helper
 
     model = model.eval()
@@ -99,11 +104,12 @@ def build_graph(model: nn.Module, image_size: int, num_classes: int, writer: Qua
     with torch.no_grad():
         result = walk.run(traced)
     _rename_output(walk.graph, result, OUTPUT)
+    n = "batch" if batch is None else int(batch)
     return helper.make_graph(
         walk.graph.nodes,
         "distq",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", num_classes])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [n, 3, image_size, image_size])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [n, num_classes])],
         walk.graph.initializers,
     )
 
@@ -144,6 +150,7 @@ class _Walk:
         self.folded: set[fx.Node] = set()
 
     def run(self, traced: fx.GraphModule) -> str:
+        self.sites = Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
         for node in traced.graph.nodes:
             if node.op == "placeholder":
                 self.values[node] = INPUT
@@ -209,15 +216,13 @@ class _Walk:
         return self.graph.add("Add", [y, self.graph.constant(f"{name}.bias", float_tensor(bias).reshape(shape))], f"{name}.add_bias")
 
     def foldable_batchnorm(self, conv_node: fx.Node) -> nn.BatchNorm2d | None:
-        """The batch-norm that reads this conv's output and is its only reader, if folding is on."""
-        users = list(conv_node.users)
-        if not self.fold_bn or len(users) != 1 or users[0].op != "call_module":
+        """The batch-norm that reads this conv's output and is its only reader, if folding is on
+        (``distq.models.dataflow``: the pairing the packed exporter and the integer engine use)."""
+        user = single_reader(conv_node, (nn.BatchNorm2d,), self.modules, self.sites) if self.fold_bn else None
+        if user is None:
             return None
-        bn = self.modules[users[0].target]
-        if not isinstance(bn, nn.BatchNorm2d):
-            return None
-        self.folded.add(users[0])
-        return bn
+        self.folded.add(user)
+        return self.modules[user.target]
 
     def weight_and_bias(self, name: str, module: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[str, np.ndarray]:
         """The weight tensor (float, or the writer's quantized form) and the bias (float64),

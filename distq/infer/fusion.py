@@ -10,10 +10,11 @@ Two patterns; in a ResNet:
     stem conv (float) -> bn1 -> relu [-> maxpool]       the float conv's affine quantizes (and pools)
 
 Where that is safe is read from the network's dataflow, not assumed from its architecture:
-torch.fx traces the engine's network once (engine layers as leaves), and a pair is fused
-only when every value between conv and activation has a single use, the folded batch-norms
-are ``nn.Identity``, both modules are called at exactly one place, and the residual is
-computed before the conv. The second pattern rewrites the graph (the ``+`` moves into the
+torch.fx traces the engine's network once (engine layers as leaves), the conv -> batch-norm
+pairing is ``distq.models.dataflow``'s (the one the exporters use; folded batch-norms are
+``nn.Identity`` here), and a pair is fused only when every value between conv and activation
+has a single use, both modules are called at exactly one place, and the residual is computed
+before the conv. The second pattern rewrites the graph (the ``+`` moves into the
 conv's call), so the engine then runs the traced ``GraphModule``, which holds the very same
 layer objects, calls no container modules and no folded batch-norms (``nn.Identity``): at
 batch 1 those calls cost more than the small layers' arithmetic. In a chain of three, the
@@ -36,6 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from distq.infer.layers import BitConv2d, BitLinear, ChannelAffine, CodedMaxPool2d, FloatLayer, IntAct
+from distq.models import dataflow
 
 ENGINE_LEAVES = (BitConv2d, BitLinear, IntAct, FloatLayer, CodedMaxPool2d, ChannelAffine)
 
@@ -67,11 +69,21 @@ def fuse_conv_activations(net: nn.Module) -> tuple[nn.Module, list[tuple[str, ..
             and call_sites[node.target] == 1
         )
 
+    # Which folded batch-norm (an nn.Identity here) belongs to which conv: the exporter's and the
+    # ONNX builder's pairing (distq.models.dataflow), on the engine's network.
+    paired = dataflow.chains(graph, modules, (BitConv2d, FloatLayer), (nn.Identity,), ())
+    conv_of = {c.norm: c.conv for c in paired if c.norm is not None}
+    nodes = {node.target: node for node in graph.nodes if node.op == "call_module"}
+
     def native_conv_feeding(node, kinds=(BitConv2d, FloatLayer)):
-        """The native conv whose output reaches ``node`` through single-use folded batch-norms."""
-        while called_once(node, nn.Identity) and len(node.users) == 1:
-            node = node.args[0]
-        if not (called_once(node, kinds) and len(node.users) == 1 and len(node.args) == 1 and not node.kwargs):
+        """The native conv whose output reaches ``node`` directly or through its folded batch-norm."""
+        if isinstance(node, fx.Node) and node.op == "call_module" and node.target in conv_of:
+            if len(node.users) != 1:
+                return None
+            node = nodes[conv_of[node.target]]
+        elif not (called_once(node, kinds) and len(node.users) == 1):
+            return None
+        if not (called_once(node, kinds) and len(node.args) == 1 and not node.kwargs):
             return None
         module = modules[node.target]
         native = module.native is not None if isinstance(module, BitConv2d) else module.native and module.conv

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from distq.config.schema import ModelConfig, QuantConfig
-from distq.export.exporter import conv_bn_pairs, export_model
+from distq.export.exporter import export_model
+from distq.models.dataflow import conv_bn_pairs
 from distq.export.format import unpack_planes
 from distq.models.build import build_model
 from distq.quant.functional import aqe_hard, weight_quant
@@ -136,10 +137,28 @@ def test_aqe_layers_short_of_alpha_1_are_flagged():
 
 
 def test_conv_bn_pairs_follow_the_data_flow():
-    pairs = conv_bn_pairs(_model(2, 2, small_input=False), 64)
+    pairs = conv_bn_pairs(_model(2, 2, small_input=False))
     assert pairs["bn1"] == "conv1"
     assert pairs["layer3.0.downsample.1"] == "layer3.0.downsample.0"
     assert len(pairs) == 20
+
+
+def test_a_batchnorm_pairs_only_with_a_conv_it_alone_reads():
+    """Names do not decide: a batch-norm named for another conv pairs with the one it reads, and a
+    conv whose output has a second reader (folding would change it) pairs with nothing."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+            self.bn_b, self.bn_a = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.bn_b(y) + y  # a's output read twice
+            return self.bn_a(self.b(z))
+
+    assert conv_bn_pairs(Net()) == {"bn_a": "b"}
 
 
 def test_distq_export_prints_the_size_and_ratio(run_distq, tiny_run, tmp_path):
