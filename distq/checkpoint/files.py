@@ -52,6 +52,8 @@ class _Hashing(io.RawIOBase):
 
     def __init__(self, f):
         self.f, self.digest, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None
+        """The write error underneath, if any: torch.save reports it as a RuntimeError of its own."""
 
     def writable(self) -> bool:
         return True
@@ -59,7 +61,11 @@ class _Hashing(io.RawIOBase):
     def write(self, data) -> int:
         self.digest.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def save_tensors(obj, path: Path) -> FileRecord:
@@ -69,7 +75,12 @@ def save_tensors(obj, path: Path) -> FileRecord:
 
     def write(f):
         hashing = _Hashing(f)
-        torch.save(obj, hashing)
+        try:
+            torch.save(obj, hashing)
+        except RuntimeError:
+            if hashing.error is not None:  # a full disk, not a torch problem: say so as the OSError it is
+                raise hashing.error from None
+            raise
         written.append(hashing)
 
     atomic_write(path, write)

@@ -289,6 +289,8 @@ RECIPES = {
     "digits_resnet18_w1a1_cyclic_finetune.yaml": ([Cyclic], (1, 1)),
     "digits_resnet18_w1a2_aqe_finetune.yaml": ([Aqe], (1, 2)),
     "digits_resnet18_w4a4_guided_finetune.yaml": ([], (4, 4)),
+    "digits_resnet18_w4a4_lsq_finetune.yaml": ([], (4, 4)),
+    "digits_resnet18_w4a4_pact_finetune.yaml": ([], (4, 4)),
 }
 # The fine-tuning recipes start from runs/digits_fp, which a test machine need not have.
 NO_PRETRAINED = ("model.pretrained=null",)
