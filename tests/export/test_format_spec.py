@@ -12,7 +12,6 @@ steps and clipping levels are learned values, different per layer and channel.
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import struct
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from format_reader import PackedModel, read, unpack
+from single_thread import one_thread
 
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.data.transforms import preprocess_description
@@ -36,21 +36,7 @@ READER = Path(__file__).with_name("format_reader.py")
 WIDTH = 4
 
 
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread, as the CLI runs of the suite (a small shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def single_threaded():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def header(width=WIDTH, image_size=32):

@@ -12,7 +12,6 @@ val images, logits close; in float64 the engine computes every activation intege
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
+from single_thread import one_thread
 
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.export.exporter import export_model
@@ -86,22 +86,7 @@ def learned_parameters(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("weight_step", "act_step", "act_clip")]
 
 
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread, as the CLI runs of the test suite: on a small shared machine two
-    threads per process cost more in waiting than they gain (training here takes seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def single_threaded():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 # --- the digits models ----------------------------------------------------------------------
