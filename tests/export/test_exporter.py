@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.export.exporter import export_model
-from distq.models.dataflow import conv_bn_pairs
 from distq.export.format import unpack_planes
 from distq.models.build import build_model
+from distq.models.dataflow import conv_bn_pairs
 from distq.quant.functional import aqe_hard, weight_quant
 from distq.quant.layers import QConv2d
 from distq.quant.methods import build_method
