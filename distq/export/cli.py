@@ -21,8 +21,10 @@ def add_commands(sub) -> None:
         "scales, folded batch-norm, the architecture and the class names, for distq's integer engine. onnx: a standard "
         f"ONNX graph (opset {OPSET}) in the QCDQ style (QuantizeLinear -> Clip -> DequantizeLinear on int8/uint8) "
         "for standard ONNX runtimes (tested with onnxruntime's CPU provider); preprocessing and class names in its "
-        "metadata. qonnx: the same graph with "
-        "QONNX Quant/BipolarQuant nodes, for FINN-style FPGA flows. onnx and qonnx need 'pip install distq[deploy]'; "
+        "metadata. onnx-int: quantized convs and linears as integer matrix products (uint8 activation codes x int8 "
+        "weights -> MatMulInteger, int32, then a float per-channel scale and shift), which onnxruntime runs with its "
+        "integer kernels and which computes what distq's integer engine computes. qonnx: the QCDQ graph with "
+        "QONNX Quant/BipolarQuant nodes, for FINN-style FPGA flows. The ONNX formats need 'pip install distq[deploy]'; "
         "AQE activations and AQE weights whose alpha is below 1 have no exact ONNX form and are refused.",
     )
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory (its newest checkpoint) or a checkpoint folder written by distq train")
@@ -38,9 +40,25 @@ def add_commands(sub) -> None:
         "--no-fold-bn",
         dest="fold_bn",
         action="store_false",
-        help="onnx/qonnx: keep batch-norms as BatchNormalization nodes instead of folding them into the convs",
+        help="onnx/qonnx: keep batch-norms as BatchNormalization nodes instead of folding them into the convs (onnx-int always folds)",
+    )
+    export.add_argument(
+        "--batch",
+        type=_positive_int,
+        metavar="N",
+        help=f"{'/'.join(ONNX_FORMATS)}: a fixed batch dimension N, for tools that need static shapes (qonnx's cleanup_model, FINN); default: dynamic",
     )
     export.set_defaults(func=_export)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -51,10 +69,13 @@ def _export(args: argparse.Namespace) -> int:
     check_writable(args.out, overwrite=args.force)
     if Path(args.checkpoint).is_file() and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise ExportError(f"refusing to write {args.out!r}: it is the checkpoint being exported; choose another --out")
+    if args.batch is not None and args.format == "safetensors":
+        raise ExportError(f"--batch applies to --format {', '.join(ONNX_FORMATS)}: a safetensors export has no fixed batch size")
     if args.format in ONNX_FORMATS:
         from distq.export.onnx_export import export_onnx
 
-        print("\n".join(export_onnx(args.checkpoint, args.out, args.format, model_name=args.model, fold_bn=args.fold_bn)))
+        lines = export_onnx(args.checkpoint, args.out, args.format, model_name=args.model, fold_bn=args.fold_bn, batch=args.batch)
+        print("\n".join(lines))
         return 0
     from distq.export.exporter import export_checkpoint
 

@@ -6,6 +6,8 @@ OPSET = 13
 since 13, and 13 is what TensorRT's explicit quantization and every recent onnxruntime read."""
 INPUT = "images"
 OUTPUT = "logits"
-FORMATS = ("safetensors", "onnx", "qonnx")
-ONNX_FORMATS = ("onnx", "qonnx")
+FORMATS = ("safetensors", "onnx", "onnx-int", "qonnx")
+ONNX_FORMATS = ("onnx", "onnx-int", "qonnx")
+INT_FORMAT = "onnx-int"
+"""Quantized convs and linears as integer matrix products (``distq.export.onnx_int``)."""
 DEPLOY_HINT = "pip install 'distq[deploy]'"

@@ -53,6 +53,9 @@ class OnnxModel:
         self.class_names: dict[str, str] = dict(zip(self.classes, json.loads(meta.get("class_names", "[]"))))
         """Readable names of the classes that have one (ImageNet: wnid -> "tench, Tinca tinca")."""
         self.input = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0].shape[0]
+        self.batch: int | None = first if isinstance(first, int) and first > 0 else None
+        """The file's fixed batch size (``distq export --batch N``), or None for a dynamic batch."""
 
     @staticmethod
     def _header(meta: dict[str, str], what: str) -> dict:
@@ -67,7 +70,17 @@ class OnnxModel:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
+        if self.batch is None or len(batch) == self.batch:
+            return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
+        # A fixed batch size: run in chunks of it, the last one padded with zeros.
+        n = self.batch
+        out = []
+        for start in range(0, len(batch), n):
+            chunk = batch[start : start + n]
+            if len(chunk) < n:
+                chunk = np.concatenate([chunk, np.zeros((n - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            out.append(self.session.run(None, {self.input: chunk})[0][: len(batch) - start])
+        return torch.from_numpy(np.concatenate(out))
 
 
 def _check_initializers(path: Path, what: str) -> None:

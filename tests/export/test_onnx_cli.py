@@ -111,7 +111,7 @@ def test_qonnx_file_given_to_onnxruntime_says_what_to_do(exports, capsys):
 
 def test_unknown_format_is_one_error_line(tiny_run, tmp_path, capsys):
     assert main(["export", str(tiny_run), "--format", "tflite", "--out", str(tmp_path / "m.tflite")]) == 2
-    assert one_error_line(capsys) == "distq: error: unknown export format 'tflite': choose one of safetensors, onnx, qonnx"
+    assert one_error_line(capsys) == "distq: error: unknown export format 'tflite': choose one of safetensors, onnx, onnx-int, qonnx"
 
 
 def test_unwritable_output_is_one_error_line(tiny_run, tmp_path, capsys):
@@ -151,5 +151,5 @@ def test_export_help_names_the_formats_and_the_opset(capsys):
         main(["export", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("safetensors, onnx, qonnx (default: safetensors)", "opset 13", "QuantizeLinear -> Clip -> DequantizeLinear", "distq[deploy]", "--no-fold-bn"):
+    for words in ("safetensors, onnx, onnx-int, qonnx (default: safetensors)", "opset 13", "QuantizeLinear -> Clip -> DequantizeLinear", "distq[deploy]", "--no-fold-bn"):
         assert words in text
