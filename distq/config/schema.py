@@ -97,8 +97,11 @@ class QuantConfig:
     """Quantizer implementation: triton (fused Triton kernels: on CUDA, or on the CPU under
     TRITON_INTERPRET=1 for tests), torch (PyTorch operations; on the CPU distq's native loops
     for fp32 where they are compiled, DISTQ_NATIVE=0 turns them off), auto (Triton for CUDA
-    tensors, torch elsewhere). All give the same outputs to the bit. Applies to the dorefa and aqe
-    methods; lsq and pact always run PyTorch operations (custom operators under train.compile)."""
+    tensors, torch elsewhere). All give the same outputs to the bit: each Triton kernel and native
+    loop is checked against the PyTorch kernel at its first use in a process, and one that fails or
+    disagrees is replaced by the PyTorch kernel for the run with a one-line warning (auto, torch),
+    or stops the run with one error line (triton). Applies to the dorefa and aqe methods; lsq and
+    pact always run PyTorch operations (custom operators under train.compile)."""
 
     lsq: LsqConfig = field(default_factory=LsqConfig)
     """LSQ's settings (used when quant.method=lsq)."""

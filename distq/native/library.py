@@ -100,7 +100,7 @@ def _load_or_explain() -> ctypes.CDLL | None:
     try:
         path = build()
         lib = _declare(ctypes.CDLL(str(path)))
-    except (BuildError, OSError) as exc:
+    except (BuildError, OSError, AttributeError) as exc:  # AttributeError: a library without one of the functions
         print(
             f"distq: note: native kernels unavailable ({exc}); the integer engine and the CPU quantizers "
             "use their torch reference kernels, which are exact but slower (the engine about 10-40x)",

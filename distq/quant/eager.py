@@ -6,8 +6,9 @@ is written out by hand from what the forward returned, never from a recorded gra
 a fresh large tensor costs more than the arithmetic (its pages are faulted in on first write),
 so the fewer buffers the faster. On fp32 CPU tensors the activation quantizer, the masked
 gradient and the DoReFa weight quantizer's elementwise passes run as native loops where distq's
-library loads (``native_cpu``: bit-identical; ``act_forward_torch``, ``masked_grad_torch`` and
-the PyTorch branches of the DoReFa functions stay the reference; ``DISTQ_NATIVE=0`` keeps them).
+library loads (``native_cpu``: bit-identical; ``act_forward_torch``, ``masked_grad_torch``,
+``dorefa_quantize_torch`` and ``dorefa_backward_torch`` stay the reference, which each loop checks
+itself against at its first use; ``DISTQ_NATIVE=0`` keeps them).
 ``distq.quant.ops`` registers them, with the Triton kernels of
 ``distq.quant.triton_kernels``, as PyTorch custom operators.
 """
@@ -78,17 +79,20 @@ def dorefa_forward(w: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch
 
     An all-zero tensor (or channel) has s = 0: s = 1 is taken there, so that it quantizes to
     the level nearest 0 instead of 0 / 0 = NaN (t / s is 0 either way)."""
-    levels = (1 << bits) - 1
     t = torch.tanh(w)
     s = _max_abs(t, reduce_dims(w, per_channel))
     s = s.masked_fill(s == 0, 1.0)
     q = native_cpu.dorefa_forward(t, s, bits, per_channel)
-    if q is not None:
-        return q, t, s
+    return (q if q is not None else dorefa_quantize_torch(t, s, bits)), t, s
+
+
+def dorefa_quantize_torch(t: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """``dorefa_forward``'s q from t and s in PyTorch operations: the reference of its native loop."""
+    levels = (1 << bits) - 1
     q = t / (2 * s)
     # round(...) / levels * 2 - 1, with "/ levels * 2" as one exact "/ (levels / 2)".
     q.add_(0.5).mul_(levels).round_().div_(levels / 2).sub_(1)
-    return q, t, s
+    return q
 
 
 def dorefa_backward(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -97,14 +101,13 @@ def dorefa_backward(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor, per_ch
     It goes through t / (2 s) directly, and through s, whose gradient autograd's amax splits
     equally among the elements where |t| == s (with the sign of t, from abs); then
     tanh' = 1 - t^2. One buffer, reused in place step by step."""
+    out = native_cpu.dorefa_backward(grad, t, s, per_channel)  # the same values, two passes instead of eight
+    return out if out is not None else dorefa_backward_torch(grad, t, s, per_channel)
+
+
+def dorefa_backward_torch(grad: torch.Tensor, t: torch.Tensor, s: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``dorefa_backward`` in PyTorch operations: the reference."""
     dims = reduce_dims(t, per_channel)
-    parts = native_cpu.dorefa_backward_terms(t, s, grad, per_channel)
-    if parts is not None:  # the same values as below, two passes instead of eight
-        terms, peaks = parts
-        share = -4 * _sum(terms, dims) / peaks.view(s.shape).to(t.dtype).clamp_min_(1)
-        grad_t = native_cpu.dorefa_backward_grad(t, s, share.contiguous(), grad, per_channel)
-        if grad_t is not None:
-            return torch.ops.aten.tanh_backward.grad_input(grad_t, t, grad_input=grad_t)
     d = 2 * s
     # dL/ds = 2 dL/dd, dL/dd = sum(-2 g (t / d) / d) (the upstream of t / d is 2 g, from 2 Q - 1).
     buf = t / d
@@ -181,3 +184,8 @@ def aqe_forward(x: torch.Tensor, bits: int, alpha: float, sample_dims: tuple[int
         return hard
     return alpha * hard + (1.0 - alpha) * x
 
+
+# The PyTorch passes the native loops check themselves against at their first use (native_cpu
+# does not import this module).
+native_cpu.REFERENCES.update(act_quant=act_forward_torch, masked_grad=masked_grad_torch, dorefa_forward=dorefa_quantize_torch,
+                             dorefa_backward=dorefa_backward_torch)  # fmt: skip

@@ -5,7 +5,9 @@ The activation quantizer Q_k(clamp(x, 0, 1)) with the straight-through estimator
 tanh and the normalisation; binary weights mean|w| sign(w), straight-through where |w| <= 1;
 and AQE. ``kernels`` (``quant.kernels``) picks the fused Triton kernels or the plain PyTorch
 ones (``distq.quant.eager``): ``auto`` takes Triton for CUDA tensors. Both give the same
-outputs to the bit.
+outputs to the bit. A Triton kernel checks itself at its first use and, under ``auto``, falls
+back to the PyTorch kernel where it fails or disagrees (``distq.quant.kernel_check``);
+``triton`` (strict) raises there instead.
 
 Each quantizer is a PyTorch custom operator (``distq.quant.ops``), which is what runs with the
 Triton kernels and whenever ``torch.compile`` traces a model (the compiler keeps it whole).
@@ -120,9 +122,9 @@ def weight_quant(w: torch.Tensor, bits: int, per_channel: bool = False, kernels:
         return w
     use_triton = kernels_for(w, kernels)
     if bits == 1:
-        return binary_weight_op(w, per_channel, use_triton) if _as_operator(use_triton) else _BinaryWeight.apply(w, per_channel)
+        return binary_weight_op(w, per_channel, use_triton, kernels == "triton") if _as_operator(use_triton) else _BinaryWeight.apply(w, per_channel)
     if _as_operator(use_triton):
-        return dorefa_weight_op(w, bits, per_channel, use_triton)[0]
+        return dorefa_weight_op(w, bits, per_channel, use_triton, kernels == "triton")[0]
     return _DorefaWeight.apply(w, bits, per_channel)
 
 
@@ -132,7 +134,7 @@ def act_quant(x: torch.Tensor, bits: int, kernels: str = "auto") -> torch.Tensor
         return x
     use_triton = kernels_for(x, kernels)
     if _as_operator(use_triton):
-        return act_quant_op(x, bits, _needs_grad(x), use_triton)[0]
+        return act_quant_op(x, bits, _needs_grad(x), use_triton, kernels == "triton")[0]
     return _ActQuant.apply(x, bits)
 
 
@@ -146,5 +148,5 @@ def aqe_quant(x: torch.Tensor, bits: int, alpha: float, per_sample: bool = False
         return x
     use_triton = kernels_for(x, kernels)
     if _as_operator(use_triton):
-        return aqe_op(x, bits, float(alpha), per_sample, _needs_grad(x), use_triton)[0]
+        return aqe_op(x, bits, float(alpha), per_sample, _needs_grad(x), use_triton, kernels == "triton")[0]
     return _AQE.apply(x, bits, float(alpha), per_sample)
