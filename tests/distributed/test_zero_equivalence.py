@@ -35,7 +35,7 @@ def _run(args: list[str], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "zero_stage,mixed,method",
-    [(1, False, "dorefa"), (2, False, "dorefa"), (2, True, "dorefa"), (2, False, "lsq"),
+    [pytest.param(1, False, "dorefa", marks=pytest.mark.slow), (2, False, "dorefa"), (2, True, "dorefa"), (2, False, "lsq"),
      pytest.param(0, False, "lsq", marks=pytest.mark.slow), pytest.param(1, False, "lsq", marks=pytest.mark.slow),
      pytest.param(2, False, "pact", marks=pytest.mark.slow)],
     ids=["zero1", "zero2", "zero2-bf16-channels-last", "zero2-lsq", "zero0-lsq", "zero1-lsq", "zero2-pact"],

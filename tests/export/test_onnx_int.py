@@ -160,6 +160,7 @@ def test_eight_bit_dorefa_weights_are_halves_of_the_odd_integers_plus_an_input_s
     assert any(node.name == "layer1.0.conv1.input_sum" for node in proto.graph.node)
 
 
+@pytest.mark.slow  # an AlexNet: seconds of export
 def test_a_quantized_linear_with_float_input_is_qcdq_and_said_so():
     """AlexNet's first classifier linear reads the full-precision features: QCDQ (float Gemm),
     named in the summary; its second reads a quantized activation: integer."""

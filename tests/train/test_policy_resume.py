@@ -66,7 +66,7 @@ def assert_resumed_equals_reference(killed_dir, reference_dir, stopped, log_text
 
 # One process: guided (two models) and aux (branches with their own optimizer state, removed after
 # the resume) by default, the others with -m slow (each test is three runs).
-ONE_PROCESS = [p if p in ("guided", "aux", "lsq_progressive", "lsq_guided") else pytest.param(p, marks=pytest.mark.slow) for p in sorted(POLICIES)]
+ONE_PROCESS = [p if p in ("guided", "aux", "lsq_progressive") else pytest.param(p, marks=pytest.mark.slow) for p in sorted(POLICIES)]
 
 
 @pytest.mark.parametrize("policy", ONE_PROCESS)
