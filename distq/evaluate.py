@@ -28,9 +28,16 @@ def val_split(data: DataConfig, root: str | None = None) -> DataConfig:
     its own when given: class folders or shards, whichever ``root`` holds."""
     if root is None:
         return data
+    from pathlib import Path
+
     from distq.data.shards import is_shards_folder
 
-    return dataclasses.replace(data, root=root, format="shards" if is_shards_folder(root) else "folders")
+    if is_shards_folder(root):
+        return dataclasses.replace(data, root=root, format="shards")
+    if not (Path(root) / "val").is_dir():
+        what = "does not exist" if not Path(root).exists() else "has no val/ folder and is not a shards folder (index.json)"
+        raise DistqError(f"--data {root!r} {what}: give the root of the validation data (ROOT/val/<class>/ images, or a distq data pack output)")
+    return dataclasses.replace(data, root=root, format="folders")
 
 
 def evaluate(counts_of: Callable[[Iterable], torch.Tensor], classes: list[str], data: DataConfig, what: str) -> dict[str, float]:
@@ -39,9 +46,19 @@ def evaluate(counts_of: Callable[[Iterable], torch.Tensor], classes: list[str], 
     ``counts_of(loader)`` counts the hits (``distq.models.evaluation``): ``model_counts`` of a PyTorch
     model, ``count_hits`` of any images -> logits callable (the integer engine, onnxruntime)."""
     root = resolve_root(data)
-    check_same_classes(dataset_classes(data, root), classes, f"dataset {str(root)!r}", what)
+    check_same_classes(val_classes(data, root), classes, f"dataset {str(root)!r}", what)
     totals = counts_of(build_val_loader(data, root))
     return {**metrics_from_counts(totals, f"the validation split of {str(root)!r}"), "images": int(totals[3])}
+
+
+def val_classes(data: DataConfig, root) -> list[str]:
+    """The classes of the validation split, in label order: a shards folder's, or the sorted class
+    folders of ROOT/val (the labels the validation loader gives; no train/ needed to evaluate)."""
+    if data.format == "shards":
+        return dataset_classes(data, root)
+    from distq.data.folder import check_split_folder
+
+    return sorted(p.name for p in check_split_folder(root, "val").iterdir() if p.is_dir())
 
 
 def evaluate_checkpoint(path: str, data_root: str | None = None) -> dict:

@@ -55,3 +55,30 @@ def test_the_transform_the_class_check_and_the_topk_loop_each_exist_once():
     assert len(found["transform"]) == 2 and all(p.startswith("data/transforms.py") for p in found["transform"]), found
     assert [p.split(":")[0] for p in found["class check"]] == ["evaluate.py"], found
     assert sorted({p.split(":")[0] for p in found["top-k loop"]}) == ["models/evaluation.py"], found
+
+
+@pytest.mark.parametrize("make", ["missing", "no_val"])
+def test_a_wrong_data_root_is_one_line_naming_the_option(make, tmp_path):
+    from distq.config.schema import DataConfig
+    from distq.errors import DistqError
+    from distq.evaluate import val_split
+
+    root = tmp_path / "data"
+    if make == "no_val":
+        (root / "train").mkdir(parents=True)
+    with pytest.raises(DistqError, match=r"^--data '.*data' (does not exist|has no val/ folder and is not a shards folder)"):
+        val_split(DataConfig(), str(root))
+
+
+def test_evaluation_needs_only_the_validation_split(tmp_path, digits_root):
+    """A root with val/ alone (a deployment machine) is enough: the classes are val/'s folders."""
+    import shutil
+
+    from distq.config.schema import DataConfig
+    from distq.evaluate import val_classes, val_split
+
+    root = tmp_path / "only-val"
+    shutil.copytree(digits_root / "val", root / "val")
+    data = val_split(DataConfig(), str(root))
+    assert data.format == "folders"
+    assert val_classes(data, root) == sorted(p.name for p in (digits_root / "train").iterdir())
