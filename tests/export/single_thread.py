@@ -17,3 +17,15 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def sgd_steps(model, optimizer, images, labels, steps: int, generator) -> None:
+    """``steps`` optimizer steps on random batches of 64 of ``images`` (the export tests' trainings)."""
+    import torch.nn.functional as F
+
+    for _ in range(steps):
+        batch = torch.randint(0, len(images), (64,), generator=generator)
+        loss = F.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from format_reader import PackedModel, read, unpack
-from single_thread import one_thread
+from single_thread import one_thread, sgd_steps
 
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.data.transforms import preprocess_description
@@ -58,12 +57,7 @@ def train(model, images, labels, steps: int, lr: float):
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(images), (64,), generator=generator)
-        loss = F.cross_entropy(model(images[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    sgd_steps(model, optimizer, images, labels, steps, generator)
     return model.eval()
 
 

@@ -20,9 +20,8 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from onnx import numpy_helper
-from single_thread import one_thread
+from single_thread import one_thread, sgd_steps
 
 from distq.config.schema import ModelConfig, QuantConfig
 from distq.export.exporter import export_model
@@ -113,17 +112,8 @@ def _train(model: nn.Module, images, labels, steps: int, lr: float, seed: int = 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
     with one_thread():
-        _steps(model, optimizer, images, labels, steps, generator)
+        sgd_steps(model, optimizer, images, labels, steps, generator)
     return model.eval()
-
-
-def _steps(model, optimizer, images, labels, steps, generator) -> None:
-    for _ in range(steps):
-        batch = torch.randint(0, len(images), (64,), generator=generator)
-        loss = F.cross_entropy(model(images[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
 
 @pytest.fixture(scope="session")

@@ -161,4 +161,4 @@ def test_pretrained_weights_move_between_methods_without_their_learned_parameter
     with torch.no_grad():
         target.layer1[0].conv1.weight_step.fill_(0.25)
     load_float_weights(target, str(tmp_path / "dorefa.pt"))
-    assert float(target.layer1[0].conv1.weight_step) == 0.25
+    assert float(target.layer1[0].conv1.weight_step.detach()) == 0.25
