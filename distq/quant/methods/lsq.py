@@ -172,7 +172,7 @@ class Lsq(QuantMethod):
         ratio = self._range(role, layer.step_bits)[1] / self._range(role, bits)[1]
         return step * math.sqrt(ratio)
 
-    def _grad_factor(self, role: str, x: Tensor, bits: int, per_step: int) -> float:
+    def _grad_factor(self, role: str, bits: int, per_step: int) -> float:
         if not self.cfg.grad_scale:
             return 1.0
         return 1.0 / math.sqrt(per_step * self._range(role, bits)[1])
@@ -181,12 +181,12 @@ class Lsq(QuantMethod):
         self.check_bits(bits, "weight bits", WEIGHT)
         step = self.step(layer, WEIGHT, bits)
         per_step = w.numel() // max(step.numel(), 1)
-        return lsq_quant(w, step, *weight_range(bits), self._grad_factor(WEIGHT, w, bits, per_step))
+        return lsq_quant(w, step, *weight_range(bits), self._grad_factor(WEIGHT, bits, per_step))
 
     def act(self, layer: nn.Module, x: Tensor, bits: int) -> Tensor:
         self.check_bits(bits, "activation bits", ACT)
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
-        return lsq_quant(x, self.step(layer, ACT, bits), *act_range(bits), self._grad_factor(ACT, x, bits, per_sample))
+        return lsq_quant(x, self.step(layer, ACT, bits), *act_range(bits), self._grad_factor(ACT, bits, per_sample))
 
     def calibrate(self, layer: nn.Module, role: str, inputs: Tensor | None) -> dict[str, Tensor]:
         """sum|v| and the count: per channel for a per-channel weight step; the ReLU's output
